@@ -1,0 +1,215 @@
+"""LightningModules: supervised training (teachers, the CE baseline) and distillation.
+
+The step is kept lean because on small students the per-step overhead, not the
+math, is the cost: losses and metrics accumulate on the device and are logged
+once per epoch, never with a ``self.log`` call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from kdexp.errors import NonFiniteLossError
+from kdexp.models.features import FeatureHooks
+from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
+from kdexp.objectives.cross_entropy import CrossEntropyOnly
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+Batch = tuple[Tensor, Tensor, Tensor]  # x, y, index into the split
+
+
+class EvalMetrics(nn.Module):
+    """Accuracy and calibration of a classifier, plus agreement with a teacher when given one."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")
+        self.agreement = MeanMetric()
+        self.kl_teacher = MeanMetric()
+        self.has_teacher = False
+
+    def update(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> None:
+        logits = logits.float()
+        self.acc.update(logits, targets)
+        self.ece.update(logits.softmax(-1), targets)
+        if teacher_logits is not None:
+            self.has_teacher = True
+            teacher_logits = teacher_logits.float()
+            self.agreement.update((logits.argmax(-1) == teacher_logits.argmax(-1)).float())
+            # KL(teacher ‖ student) at T = 1, per sample.
+            kl = F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), reduction="none", log_target=True)
+            self.kl_teacher.update(kl.sum(-1))
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {"acc": self.acc.compute(), "ece": self.ece.compute()}
+        if self.has_teacher:
+            out["agreement"] = self.agreement.compute()
+            out["kl_teacher"] = self.kl_teacher.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.acc, self.ece, self.agreement, self.kl_teacher):
+            metric.reset()
+
+
+class SupervisedModule(pl.LightningModule):
+    """Trains ``model`` with ``objective`` (cross-entropy by default) on ``(x, y, index)`` batches.
+
+    Used for teachers and for the ``kd=none`` student baseline. Logs
+    ``train/<term>`` per epoch, ``val/acc``, ``val/acc_best``, ``val/ece`` and
+    ``test/acc`` (``test/acc_last`` when ``test_suffix="_last"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        objective: DistillationObjective | None = None,
+        scheduler: SchedulerFactory | None = None,
+        check_finite_every_n_steps: int = 1,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective if objective is not None else CrossEntropyOnly()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.check_finite_every_n_steps = check_finite_every_n_steps
+        self.val_metrics = EvalMetrics(num_classes)
+        self.test_metrics = EvalMetrics(num_classes)
+        self.val_acc_best = MaxMetric()
+        self.test_suffix = ""
+        self._loss_sums: dict[str, Tensor] = {}
+        self._loss_steps = 0
+        self._student_hooks = (
+            FeatureHooks(model, self.objective.student_features) if self.objective.student_features else None
+        )
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def student_outputs(self, x: Tensor) -> ModelOutputs:
+        logits = self.model(x)
+        features = self._student_hooks.pop() if self._student_hooks else {}
+        return ModelOutputs(logits, features)
+
+    def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs | None:
+        """No teacher here; :class:`DistillationModule` overrides this."""
+        return None
+
+    # -- training -------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y, index = batch
+        student = self.student_outputs(x)
+        teacher = self.teacher_outputs(x, index) if self.objective.needs_teacher else None
+        terms = self.objective(student, teacher, y)
+        loss = total_loss(terms)
+        if self.check_finite_every_n_steps and self.global_step % self.check_finite_every_n_steps == 0:
+            self._check_finite(loss, terms, batch_idx)
+        self._accumulate(loss, terms)
+        return loss
+
+    def _check_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); "
+                f"terms: {detail}. Lower optimizer.lr, check the inputs, or set trainer.gradient_clip_val."
+            )
+
+    def _accumulate(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        # Summed on the device without a host sync; logged once per epoch.
+        for name, value in {"loss": loss, **terms}.items():
+            value = value.detach()
+            self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value.clone()
+        self._loss_steps += 1
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_steps:
+            means = {f"train/{k}": v / self._loss_steps for k, v in self._loss_sums.items()}
+            self.log_dict(means, prog_bar=False, sync_dist=True)
+            self.log("train/loss_epoch", means["train/loss"], prog_bar=True, logger=False)
+        self._loss_sums, self._loss_steps = {}, 0
+
+    # -- evaluation -------------------------------------------------------------
+    def _eval_step(self, batch: Batch, metrics: EvalMetrics) -> None:
+        x, y, index = batch
+        logits = self.model(x)
+        if self._student_hooks:
+            self._student_hooks.pop()
+        teacher = self.teacher_outputs(x, index)
+        metrics.update(logits, y, teacher.logits if teacher is not None else None)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(values["acc"])
+            values["acc_best"] = self.val_acc_best.compute()
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
+        self.log("val/acc", values["acc"], prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict({f"test/{k}{self.test_suffix}": v for k, v in values.items()}, sync_dist=True)
+
+    # -- optimisation -----------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and objective parameters; never the teacher's."""
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+
+class DistillationModule(SupervisedModule):
+    """A trainable student distilled from a frozen teacher through a pluggable objective.
+
+    The teacher's parameters never require grad and never reach the optimiser, and
+    the teacher stays in eval mode even when Lightning puts the module in train mode,
+    so its BatchNorm statistics and dropout never change. With a CE-only objective
+    (``kd=none``) the teacher is only used to report agreement, never in the loss.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, optimizer: OptimizerFactory,
+                 num_classes: int, objective: DistillationObjective, **kwargs) -> None:
+        super().__init__(model=model, optimizer=optimizer, num_classes=num_classes, objective=objective, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self._teacher_hooks = (
+            FeatureHooks(teacher, objective.teacher_features) if objective.teacher_features else None
+        )
+
+    def train(self, mode: bool = True) -> "DistillationModule":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs:
+        # The single place teacher outputs come from, so a lookup of precomputed
+        # logits (keyed by ``index``) can replace the forward pass here.
+        logits = self.teacher(x)
+        features = self._teacher_hooks.pop() if self._teacher_hooks else {}
+        return ModelOutputs(logits, features)

@@ -1,0 +1,121 @@
+"""The JSON run record every run leaves in its output folder, finished or failed.
+
+Tables are built from these records, so they hold everything needed to tell runs
+apart: the resolved config, the overrides, metrics, status, timing, git commit,
+library versions, the teacher's identity and the data fingerprint. W&B offline
+runs do not write a summary file, which is why kdexp keeps its own record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RECORD_NAME = "run_record.json"
+SCHEMA_VERSION = 1
+_PACKAGES = ("kdexp", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "torchmetrics", "mnist1d")
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The record in ``folder``, or None when there is none (or it is unreadable)."""
+    path = Path(folder) / RECORD_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write atomically, so a crash never leaves half a record."""
+    path = Path(folder) / RECORD_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: tensors become numbers, NaN/inf become strings (JSON has neither)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the repository at ``cwd`` (``+dirty`` if it has changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class RunRecorder:
+    """Builds one run's record and rewrites it on each status change.
+
+    The record is written as ``running`` at the start, so a run killed from
+    outside still leaves a trace of what it was.
+    """
+
+    def __init__(self, folder: str | Path, base: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self._start = time.time()
+        self.record: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "status": "running",
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start)),
+            "output_dir": str(self.folder),
+            "git_commit": git_commit(),
+            "versions": library_versions(),
+            "metrics": {},
+            **base,
+        }
+        write_record(self.folder, self.record)
+
+    def update(self, **fields: Any) -> None:
+        self.record.update(fields)
+        write_record(self.folder, self.record)
+
+    def finish(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
+        self.record["status"] = status
+        self.record["wall_time_s"] = round(time.time() - self._start, 3)
+        self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if error is not None:
+            self.record["error"] = {
+                "type": type(error).__name__,
+                "message": str(error),
+                "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
+            }
+        write_record(self.folder, self.record)
+        return self.record

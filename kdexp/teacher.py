@@ -1,0 +1,150 @@
+"""Teacher provisioning: load a checkpoint, or train once and cache.
+
+With ``teacher.checkpoint: null`` the teacher is trained with the run's data
+config and cached under a key derived from the teacher, data and training
+config. A file lock makes exactly one process train it; every other run (and
+every parallel sweep worker) waits, then loads the cached weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from kdexp.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+TEACHER_FILE = "teacher.pt"
+# Data settings that do not change what a teacher learns; left out of the cache key.
+_DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size"}
+
+
+@dataclass
+class Teacher:
+    """A ready, frozen teacher and what identifies it."""
+
+    model: nn.Module
+    weights_hash: str
+    test_acc: float
+    source: str  # "checkpoint" | "cache" | "trained"
+    path: str
+    cache_key: str | None = None
+
+
+def weights_hash(model: nn.Module) -> str:
+    """A short hash of the parameter and buffer values: equal hash, same teacher."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], precision: Any) -> str:
+    """Key of a trained teacher: architecture, training recipe, data and numeric precision."""
+    payload = {
+        "format": CACHE_FORMAT,
+        "teacher": {k: v for k, v in teacher_cfg.items() if k != "checkpoint"},
+        "data": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_KEY},
+        "precision": str(precision),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_teacher(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Atomic write: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"state_dict": model.state_dict(), "kdexp_meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def _extract_state_dict(blob: Any) -> dict[str, torch.Tensor]:
+    """Accept a kdexp teacher file, a Lightning checkpoint of a kdexp run, or a bare state dict."""
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("the file holds no state dict (expected a kdexp teacher, a Lightning checkpoint or a state_dict)")
+    if any(k.startswith("model.") for k in state):  # Lightning checkpoint: the trained net is `model`
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -> nn.Module:
+    """Load ``path`` into ``model`` or explain why it does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"teacher checkpoint not found: {path.resolve()}. Fix teacher.checkpoint, or set "
+            "teacher.checkpoint=null to train the teacher once and cache it."
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"cannot read teacher checkpoint {path}: {type(err).__name__}: {err}") from err
+    try:
+        state = _extract_state_dict(blob)
+    except CheckpointError as err:
+        raise CheckpointError(f"teacher checkpoint {path}: {err}") from err
+    head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if head and head[-1].shape[0] != num_classes:
+        raise CheckpointError(
+            f"teacher checkpoint {path} predicts {head[-1].shape[0]} classes but the data set has "
+            f"{num_classes}. Use a teacher trained on this data set, or teacher.checkpoint=null."
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise CheckpointError(
+            f"teacher checkpoint {path} does not match teacher model {type(model).__name__}: "
+            f"{' '.join(first)}. Check teacher=<arch> and teacher.model.width against the checkpoint."
+        ) from err
+    return model
+
+
+def provision_teacher(
+    build_model: Callable[[], nn.Module],
+    checkpoint: str | None,
+    num_classes: int,
+    cache_dir: Path,
+    cache_key: str,
+    train: Callable[[nn.Module, Path], float],
+    evaluate: Callable[[nn.Module], float],
+) -> Teacher:
+    """Return the teacher: from ``checkpoint``, from the cache, or trained now and cached.
+
+    ``train(model, folder)`` trains in place and returns the test accuracy;
+    ``evaluate(model)`` returns the test accuracy of a loaded model.
+    """
+    if checkpoint:
+        model = load_teacher_weights(build_model(), checkpoint, num_classes)
+        return Teacher(model.eval(), weights_hash(model), evaluate(model), "checkpoint", str(checkpoint))
+
+    folder = cache_dir / cache_key
+    path = folder / TEACHER_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    with lock:  # exactly one process trains; the others wait here, then load
+        if path.is_file():
+            model = load_teacher_weights(build_model(), path, num_classes)
+            meta = torch.load(path, map_location="cpu", weights_only=False)["kdexp_meta"]
+            log.info("Reusing cached teacher %s (test acc %.4f)", path, meta["test_acc"])
+            return Teacher(model.eval(), meta["weights_hash"], meta["test_acc"], "cache", str(path), cache_key)
+        log.info("No cached teacher under %s: training it now (once for all runs that share it)", folder)
+        model = build_model()
+        test_acc = train(model, folder)
+        meta = {"test_acc": float(test_acc), "weights_hash": weights_hash(model), "cache_key": cache_key}
+        save_teacher(path, model, meta)
+        return Teacher(model.eval(), meta["weights_hash"], float(test_acc), "trained", str(path), cache_key)

@@ -1,0 +1,135 @@
+"""Experiment loggers: W&B (online or offline, decided before ``wandb.init``), CSV, none.
+
+Every factory here is called with the same keyword arguments (``save_dir``,
+``run_name``, ``job_type``, ``group``, ``config``) so ``conf/logger/*.yaml`` can
+select one by ``_target_`` with ``_partial_: true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or in ~/.netrc for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_server_reachable(timeout_s: float = 2.0) -> bool:
+    """A TCP connection to the W&B server opens within ``timeout_s``.
+
+    Checked before ``wandb.init`` because, with a key but no route to the server,
+    init blocks ~90 s before it fails.
+    """
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(requested: str = "auto") -> tuple[str, str]:
+    """The mode to start W&B in, and why.
+
+    ``WANDB_MODE`` in the environment wins; otherwise an explicit ``requested``
+    mode; otherwise online only with credentials and a reachable server.
+    """
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
+        return mode, f"WANDB_MODE={env_mode} in the environment"
+    if requested != "auto":
+        if requested not in WANDB_MODES:
+            from kdexp.errors import ConfigError
+
+            raise ConfigError(f"logger.mode must be auto, {', '.join(WANDB_MODES)}; got '{requested}'.")
+        return requested, f"logger.mode={requested}"
+    if not has_wandb_credentials():
+        return "offline", "no W&B credentials (run `wandb login` to log online)"
+    if not wandb_server_reachable():
+        return "offline", "W&B credentials found but the server is unreachable"
+    return "online", "W&B credentials found and the server is reachable"
+
+
+def wandb_logger(
+    save_dir: str | Path,
+    run_name: str,
+    job_type: str,
+    group: str | None = None,
+    config: dict[str, Any] | None = None,
+    project: str = "kdexp",
+    entity: str | None = None,
+    mode: str = "auto",
+    tags: list[str] | None = None,
+    log_model: bool = False,
+) -> Logger:
+    """A Lightning ``WandbLogger`` whose run lives under ``save_dir/wandb``."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    resolved, reason = resolve_wandb_mode(mode)
+    log.info("W&B mode: %s (%s)", resolved, reason)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        name=run_name,
+        save_dir=str(save_dir),
+        project=project,
+        entity=entity,
+        group=group,
+        job_type=job_type,
+        tags=list(tags or []),
+        config=config or {},
+        mode=resolved,
+        log_model=log_model,
+    )
+
+
+def csv_logger(save_dir: str | Path, run_name: str, **_: Any) -> Logger:
+    """Metrics to ``save_dir/csv/metrics.csv``, for people without W&B."""
+    return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+
+
+def wandb_run_info(logger: Logger | None) -> dict[str, Any] | None:
+    """Id, mode and folder of the W&B run behind ``logger`` (None for other loggers)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return None
+    run = logger.experiment
+    return {
+        "id": getattr(run, "id", None),
+        "name": getattr(run, "name", None),
+        "project": getattr(run, "project", None),
+        "mode": getattr(getattr(run, "settings", None), "mode", None),
+        "dir": str(Path(run.dir).parent) if getattr(run, "dir", None) else None,
+        "url": getattr(run, "url", None),
+    }
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the current W&B run, so the next job of a multirun starts its own."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

@@ -1,0 +1,78 @@
+"""Run one experiment: ``python -m kdexp.train [overrides]`` (or ``kdexp train``).
+
+    python -m kdexp.train data=mnist1d student=mlp student.width=128 \\
+        kd=hinton kd.temperature=4 kd.alpha=0.9 seed=1
+
+Reads top to bottom: protect a finished output folder, open the run record,
+run the experiment, close W&B, print where everything landed. ``--help`` and
+``--cfg job`` show the composed config as Hydra does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import kdexp  # noqa: F401  (registers the config resolvers)
+from kdexp.errors import KdexpError
+from kdexp.pipeline import base_record, check_output_dir, run_experiment, with_runtime
+from kdexp.records import RunRecorder
+from kdexp.tracking import finish_wandb
+
+log = logging.getLogger("kdexp")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the experiment ``cfg`` describes and return its record (raises on failure)."""
+    cfg = with_runtime(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    previous = check_output_dir(output_dir, cfg.if_finished)
+    if previous is not None:
+        log.info("Skipping %s: it already holds a finished run.", output_dir)
+        return previous
+    recorder = RunRecorder(output_dir, base_record(cfg))
+    try:
+        record = run_experiment(cfg, recorder)
+    except BaseException as err:
+        recorder.finish("failed", err)
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb()
+    record = recorder.finish("finished")
+    metrics = record["metrics"]
+    log.info(
+        "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s",
+        record["run_name"], metrics["test/acc"], metrics["test/acc_last"], metrics["teacher/test_acc"],
+        f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
+        output_dir / "run_record.json",
+    )
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        record = run(cfg)
+    except KdexpError as err:
+        # A problem the user can fix: say it plainly. In a multirun, the record keeps
+        # the failure and the other jobs go on; a single run exits non-zero.
+        log.error("kdexp: %s: %s", type(err).__name__, err)
+        if _in_multirun():
+            return None
+        sys.exit(2)
+    return float(record.get("metrics", {}).get("test/acc", float("nan")))
+
+
+if __name__ == "__main__":
+    main()
