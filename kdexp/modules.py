@@ -138,8 +138,8 @@ class SupervisedModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._loss_steps:
             means = {f"train/{k}": v / self._loss_steps for k, v in self._loss_sums.items()}
-            self.log_dict(means, prog_bar=False, sync_dist=True)
-            self.log("train/loss_epoch", means["train/loss"], prog_bar=True, logger=False)
+            self.log("train/loss", means.pop("train/loss"), prog_bar=True, sync_dist=True)
+            self.log_dict(means, sync_dist=True)
         self._loss_sums, self._loss_steps = {}, 0
 
     # -- evaluation -------------------------------------------------------------
@@ -160,8 +160,9 @@ class SupervisedModule(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(values["acc"])
             values["acc_best"] = self.val_acc_best.compute()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
-        self.log("val/acc", values["acc"], prog_bar=True, sync_dist=True)
+        acc = values.pop("acc")
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)

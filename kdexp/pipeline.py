@@ -60,13 +60,15 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_
 
 def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any]) -> Logger | None:
     """The configured experiment logger (``logger=none`` gives None)."""
-    if cfg.get("logger") is None:
+    if not cfg.get("logger"):
         return None
     group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
-    tags = [choice(cfg, "data"), choice(cfg, "kd"), choice(cfg, "student"), job_type, *cfg.get("tags", [])]
     factory = instantiate(cfg.logger)
-    return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config,
-                   **({"tags": tags} if "tags" in cfg.logger else {}))
+    extra: dict[str, Any] = {}
+    if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
+        extra["tags"] = [choice(cfg, "data"), choice(cfg, "kd"), choice(cfg, "student"), job_type,
+                         *cfg.get("tags", []), *cfg.logger.tags]
+    return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
 
 
 def choices(cfg: DictConfig) -> dict[str, str]:
@@ -109,7 +111,7 @@ def get_teacher(cfg: DictConfig) -> Teacher:
     def train(model: nn.Module, folder: Path) -> float:
         return train_teacher(cfg, model, folder)
 
-    key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), cfg.trainer.get("precision"))
+    key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), to_plain(cfg.trainer))
     return provision_teacher(build_model, tcfg.get("checkpoint"), num_classes, Path(cfg.paths.cache_dir) / "teachers",
                              key, train=train, evaluate=evaluate)
 

@@ -29,6 +29,10 @@ CACHE_FORMAT = 1
 TEACHER_FILE = "teacher.pt"
 # Data settings that do not change what a teacher learns; left out of the cache key.
 _DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size"}
+# Trainer settings that only change what is displayed; everything else (limits,
+# precision, clipping, devices) is part of the key. The teacher has its own max_epochs.
+_TRAINER_KEYS_NOT_IN_KEY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                            "default_root_dir", "max_epochs"}
 
 
 @dataclass
@@ -52,13 +56,13 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], precision: Any) -> str:
-    """Key of a trained teacher: architecture, training recipe, data and numeric precision."""
+def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], trainer_cfg: dict[str, Any]) -> str:
+    """Key of a trained teacher: architecture, training recipe, data and trainer settings."""
     payload = {
         "format": CACHE_FORMAT,
         "teacher": {k: v for k, v in teacher_cfg.items() if k != "checkpoint"},
         "data": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_KEY},
-        "precision": str(precision),
+        "trainer": {k: v for k, v in trainer_cfg.items() if k not in _TRAINER_KEYS_NOT_IN_KEY},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
