@@ -7,6 +7,7 @@ once per epoch, never with a ``self.log`` call per step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
@@ -24,6 +25,9 @@ from kdexp.objectives.cross_entropy import CrossEntropyOnly
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 Batch = tuple[Tensor, Tensor, Tensor]  # x, y, index into the split
+
+# The frozen teacher is in eval mode at the start of training by design.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class EvalMetrics(nn.Module):

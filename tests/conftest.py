@@ -1,0 +1,74 @@
+"""Shared fixtures: real Hydra composition, real CLI runs, W&B offline, caches in tmp."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch, tmp_path):
+    """No test talks to a W&B server or writes outside its tmp folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("KDEXP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """A cache folder shared by the tests of a session, so a teacher is trained once."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose ``conf/train.yaml`` like the CLI does, with every path under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    base = [
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=base + overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(args: list[str], cache: Path, *, module: str = "kdexp.train", timeout: int = 600,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m kdexp.train ARGS`` (or another module) as a user would."""
+    env = dict(os.environ)
+    env.update({"KDEXP_CACHE_DIR": str(cache), "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_record(folder: Path) -> dict:
+    return json.loads((Path(folder) / "run_record.json").read_text())
+
+
+# Small, fast settings on scikit-learn digits used by the CLI tests.
+DIGITS_FAST = [
+    "experiment=digits_smoke",
+    "teacher.max_epochs=3",
+    "trainer.max_epochs=3",
+]
