@@ -38,3 +38,25 @@ def to_plain(cfg: DictConfig | None) -> Any:
     if cfg is None:
         return None
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a kdexp error raised by the target surfaces as itself.
+
+    Hydra wraps exceptions from constructors in ``InstantiationException``; unwrapping
+    keeps messages like "kd.alpha must lie in [0, 1]" readable and catchable.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from kdexp.errors import KdexpError
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, KdexpError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

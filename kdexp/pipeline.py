@@ -12,11 +12,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
+from kdexp.config import instantiate
 from kdexp.config import to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches

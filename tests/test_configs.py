@@ -1,0 +1,132 @@
+"""Every YAML under conf/ composes and instantiates; every experiment runs one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import CONF_DIR, compose_config
+from kdexp.config import instantiate
+from kdexp.errors import ConfigError
+from kdexp.train import run
+
+# Overrides that make an option compose with compatible neighbours (e.g. image data → image teacher).
+COMPATIBLE = {
+    ("data", "mnist1d"): [],
+    ("teacher", "cnn1d"): [],
+    ("student", "cnn1d"): [],
+    ("student", "mlp"): [],
+}
+IMAGE_SETUP = ["teacher=cnn2d"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def setup_for(group: str, option: str) -> list[str]:
+    if (group, option) in COMPATIBLE:
+        return COMPATIBLE[(group, option)]
+    if group in ("data", "teacher", "student"):
+        return ["data=digits", "teacher=cnn2d"] if group != "data" else IMAGE_SETUP
+    return []
+
+
+def test_the_defaults_list_names_every_group():
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert groups == {"data", "teacher", "student", "kd", "optimizer", "scheduler", "trainer", "logger",
+                      "callbacks", "paths", "hydra", "experiment", "debug"}
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_configs(option, tmp_path):
+    cfg = compose_config([f"data={option}", *setup_for("data", option)], tmp_path)
+    dm = instantiate(cfg.data)
+    assert dm.num_classes == cfg.data.num_classes and list(dm.input_shape) == list(cfg.data.input_shape)
+    teacher = instantiate(cfg.teacher.model)
+    student = instantiate(cfg.student)
+    x = torch.zeros(2, *cfg.data.input_shape)
+    assert teacher(x).shape == student(x).shape == (2, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("group", ["teacher", "student"])
+def test_model_configs(group, tmp_path):
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}", *setup_for(group, option)], tmp_path)
+        node = cfg.teacher.model if group == "teacher" else cfg.student
+        model = instantiate(node)
+        assert model(torch.zeros(3, *cfg.data.input_shape)).shape == (3, cfg.data.num_classes)
+
+
+def test_a_wrong_pairing_cannot_be_composed_silently(tmp_path):
+    cfg = compose_config(["data=digits"], tmp_path)  # default teacher is the 1-D CNN
+    with pytest.raises(Exception, match="CNN1D expects 1-D signals"):
+        instantiate(cfg.teacher.model)
+
+
+def test_kd_optimizer_scheduler_configs(tmp_path):
+    param = torch.nn.Parameter(torch.zeros(3))
+    for kd in options("kd"):
+        objective = instantiate(compose_config([f"kd={kd}"], tmp_path).kd)
+        assert isinstance(objective, torch.nn.Module)
+    for opt in options("optimizer"):
+        optimizer = instantiate(compose_config([f"optimizer={opt}"], tmp_path).optimizer)([param])
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        for sched in options("scheduler"):
+            node = compose_config([f"scheduler={sched}"], tmp_path).scheduler
+            if node:
+                assert isinstance(instantiate(node)(optimizer), torch.optim.lr_scheduler.LRScheduler)
+            else:
+                assert sched == "none"
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_configs(option, tmp_path):
+    cfg = compose_config([f"trainer={option}"], tmp_path)
+    overrides = {}
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        overrides = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}  # composed as-is, built on CPU
+    trainer = instantiate(cfg.trainer, **overrides, logger=False)
+    assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == cfg.trainer.max_epochs
+    if option == "gpu":
+        assert cfg.trainer.precision in ("bf16-mixed", "16-mixed")
+
+
+def test_logger_and_callback_configs(tmp_path):
+    for option in options("logger"):
+        node = compose_config([f"logger={option}"], tmp_path).logger
+        if not node:
+            assert option == "none"
+            continue
+        factory = instantiate(node)
+        assert callable(factory)
+        if option == "csv":
+            logger = factory(save_dir=tmp_path, run_name="x", job_type="distill", group=None, config={})
+            assert isinstance(logger, pl.loggers.CSVLogger)
+    for option in options("callbacks"):
+        for node in compose_config([f"callbacks={option}"], tmp_path).callbacks.values():
+            assert isinstance(instantiate(node), pl.Callback)
+
+
+ONE_BATCH = ["trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
+             "+trainer.limit_test_batches=1", "teacher.max_epochs=1", "logger=none"]
+
+
+@pytest.mark.parametrize("experiment", options("experiment") + ["debug=fast"])
+def test_every_experiment_runs_one_batch(experiment, tmp_path):
+    name = experiment if "=" in experiment else f"experiment={experiment}"
+    overrides = [name, *ONE_BATCH] if name != "debug=fast" else [name, "logger=none"]
+    cfg = compose_config(overrides, tmp_path)
+    record = run(cfg)
+    assert record["status"] == "finished"
+    assert record["global_steps"] >= 1 and 0.0 <= record["metrics"]["test/acc"] <= 1.0
+    assert Path(record["checkpoints"]["best"]).is_file()
+
+
+def test_invalid_override_is_explained(tmp_path):
+    cfg = compose_config(["kd.alpha=2"], tmp_path)
+    with pytest.raises(ConfigError, match=r"kd.alpha must lie in \[0, 1\], got 2"):
+        instantiate(cfg.kd)
