@@ -24,6 +24,8 @@ from kdexp.records import RunRecorder
 from kdexp.tracking import finish_wandb
 
 log = logging.getLogger("kdexp")
+# An absolute path, so the console scripts find conf/ from any working directory.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _in_multirun() -> bool:
@@ -60,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     return record
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg)
