@@ -1,0 +1,79 @@
+"""Teacher provisioning: train once under a lock, reuse, and explain bad checkpoints."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdexp.errors import CheckpointError
+from kdexp.models import CNN2D, MLP
+from kdexp.teacher import load_teacher_weights, provision_teacher, save_teacher, weights_hash
+
+
+def _fit_tiny(model: torch.nn.Module, folder: Path) -> float:
+    """A real (tiny) training loop that also leaves a trace of every call."""
+    with open(folder.parent / "train_calls.log", "a") as f:
+        f.write(f"{folder.name}\n")
+    time.sleep(1.0)  # long enough for the other process to reach the lock
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return float((model(x).argmax(-1) == y).float().mean())
+
+
+def _provision(cache: str, out: "mp.Queue") -> None:
+    teacher = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, Path(cache), "key123",
+                                train=_fit_tiny, evaluate=lambda m: 0.0)
+    out.put((teacher.source, teacher.weights_hash))
+
+
+def test_concurrent_runs_train_the_teacher_exactly_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_provision, args=(str(tmp_path), queue)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    results = sorted(queue.get(timeout=5) for _ in workers)
+    assert [source for source, _ in results] == ["cache", "trained"]
+    assert results[0][1] == results[1][1]  # both hold the same weights
+    assert (tmp_path / "train_calls.log").read_text().splitlines() == ["key123"]
+
+
+def test_cached_teacher_keeps_its_weights_and_accuracy(tmp_path):
+    first = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, tmp_path, "k", train=_fit_tiny,
+                              evaluate=lambda m: 0.0)
+    again = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, tmp_path, "k", train=_fit_tiny,
+                              evaluate=lambda m: 0.0)
+    assert (first.source, again.source) == ("trained", "cache")
+    assert weights_hash(again.model) == first.weights_hash and again.test_acc == first.test_acc
+
+
+def test_class_count_mismatch_is_explained(tmp_path):
+    path = tmp_path / "five_classes.pt"
+    save_teacher(path, CNN2D([1, 8, 8], 5, width=4), {})
+    with pytest.raises(CheckpointError, match="predicts 5 classes but the data set has 10"):
+        load_teacher_weights(CNN2D([1, 8, 8], 10, width=4), path, num_classes=10)
+
+
+def test_architecture_mismatch_is_explained(tmp_path):
+    path = tmp_path / "narrow.pt"
+    save_teacher(path, CNN2D([1, 8, 8], 10, width=4), {})
+    with pytest.raises(CheckpointError, match="does not match teacher model CNN2D.*teacher.model.width"):
+        load_teacher_weights(CNN2D([1, 8, 8], 10, width=8), path, num_classes=10)
+
+
+def test_unreadable_checkpoint_is_explained(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read teacher checkpoint"):
+        load_teacher_weights(MLP([4], 3), path, num_classes=3)
