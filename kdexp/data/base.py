@@ -1,0 +1,161 @@
+"""In-memory LightningDataModules with a validation split carved from training data."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from kdexp.data.batches import IndexBatches
+from kdexp.errors import ConfigError, require
+
+
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor  # int64 class labels
+
+
+@dataclass
+class RawData:
+    """Train and test arrays as the data set ships them (no validation split yet)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, holdout) with ``fraction`` of every class held out, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    keep, holdout = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_out = int(round(fraction * len(idx)))
+        holdout.append(idx[:n_out])
+        keep.append(idx[n_out:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(holdout))
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement :meth:`load_raw`; splitting and batching live here.
+
+    ``val_fraction`` of the training set (stratified) becomes the validation set,
+    drawn with ``split_seed``. Keep ``split_seed`` fixed across a sweep so every
+    run validates on the same examples; the test set is never used for selection.
+    """
+
+    name = "data"
+
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: Sequence[int],
+        batch_size: int = 100,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        require(batch_size > 0, f"data.batch_size must be positive, got {batch_size}.")
+        require(0.0 < val_fraction < 1.0, f"data.val_fraction must lie in (0, 1), got {val_fraction}.")
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
+        self.splits: dict[str, Split] = {}
+
+    # -- to implement -------------------------------------------------------
+    def load_raw(self) -> RawData:
+        raise NotImplementedError
+
+    def batch_transform(self, x: Tensor) -> Tensor:
+        """Applied to each gathered batch (e.g. uint8 → normalised float)."""
+        return x
+
+    # -- LightningDataModule ------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.load_raw()
+        keep, val = stratified_holdout(raw.y_train, self.val_fraction, self.split_seed)
+        self.splits = {
+            "train": self._to_split(raw.x_train[keep], raw.y_train[keep]),
+            "val": self._to_split(raw.x_train[val], raw.y_train[val]),
+            "test": self._to_split(raw.x_test, raw.y_test),
+        }
+        self._check_shapes()
+
+    def _to_split(self, x: np.ndarray, y: np.ndarray) -> Split:
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        if xt.is_floating_point():
+            xt = xt.float()
+        return Split(xt, torch.from_numpy(np.asarray(y)).long())
+
+    def _check_shapes(self) -> None:
+        train = self.splits["train"]
+        shape = tuple(train.x.shape[1:])
+        if shape != self.input_shape:
+            raise ConfigError(
+                f"data set '{self.name}' has inputs of shape {list(shape)} but data.input_shape is "
+                f"{list(self.input_shape)}; fix data.input_shape in the data config."
+            )
+        found = int(torch.cat([s.y for s in self.splits.values()]).max()) + 1
+        if found > self.num_classes:
+            raise ConfigError(
+                f"data set '{self.name}' has {found} classes but data.num_classes is {self.num_classes}."
+            )
+
+    def _batches(self, split: str, train: bool) -> IndexBatches:
+        self.setup()
+        rank, world = 0, 1
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+        s = self.splits[split]
+        return IndexBatches(
+            s.x, s.y,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world,
+            transform=self.batch_transform,
+        )
+
+    def train_dataloader(self) -> IndexBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> IndexBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> IndexBatches:
+        return self._batches("test", train=False)
+
+    def eval_batches(self, split: str) -> IndexBatches:
+        """Unshuffled, single-process batches of ``split`` (for evaluation outside a Trainer)."""
+        self.setup()
+        s = self.splits[split]
+        return IndexBatches(s.x, s.y, self.eval_batch_size, transform=self.batch_transform)
+
+    def fingerprint(self) -> str:
+        """A short hash of every split's inputs and labels: equal hash, equal data."""
+        self.setup()
+        digest = hashlib.sha256()
+        for name in ("train", "val", "test"):
+            s = self.splits[name]
+            digest.update(name.encode())
+            digest.update(s.x.contiguous().numpy().tobytes())
+            digest.update(s.y.numpy().tobytes())
+        return digest.hexdigest()[:16]
