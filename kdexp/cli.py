@@ -1,39 +1,95 @@
-"""The ``kdexp`` command: ``kdexp train [overrides]`` and ``kdexp demo``."""
+"""The ``kdexp`` command: train, demo, sweep, report."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from kdexp.errors import KdexpError
 
 USAGE = """kdexp <command> [args]
 
 commands:
-  train [hydra overrides]   run one experiment (same as python -m kdexp.train; try --help)
-  demo  [hydra overrides]   teacher → Hinton-KD student and CE-only student on MNIST-1D, with a summary
+  train  [overrides]          run one experiment (same as python -m kdexp.train; try: kdexp train --help)
+  demo   [overrides]          teacher → Hinton-KD student and CE-only student on MNIST-1D, with a summary
+  sweep  FILE [overrides]     run a sweep file (W&B format) locally as a Hydra multirun, or create it on W&B
+  report SOURCE... [options]  ablation table (mean ± std over seeds) and plots from run records or W&B
 """
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdexp sweep",
+        description="Run a sweep definition (W&B sweep format, see sweeps/README.md) as one Hydra multirun. "
+                    "Finished runs are skipped, so an interrupted sweep resumes where it stopped.",
+    )
+    parser.add_argument("file", help="sweep file, e.g. sweeps/hinton_grid.yaml")
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides for every run; key=v1,v2 replaces the file's values for key")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel local workers (joblib launcher); default 1")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                        help="slurm: one SLURM job per run through submitit (conf/hydra/launcher/slurm.yaml)")
+    parser.add_argument("--dir", type=Path, default=None, help="sweep folder; default outputs/sweeps/<name>")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun finished runs too (their files are archived, never deleted)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="create the sweep on W&B and print the `wandb agent` command for each machine")
+    parser.add_argument("--project", default="kdexp", help="W&B project for --wandb (default kdexp)")
+    parser.add_argument("--entity", default=None, help="W&B entity for --wandb")
+    return parser
+
+
+def sweep_main(argv: list[str]) -> int:
+    from kdexp import sweep
+
+    args = sweep_parser().parse_intermixed_args(argv)
+    if args.jobs < 1:
+        raise KdexpError(f"--jobs must be >= 1, got {args.jobs}.")
+    spec = sweep.load_sweep(args.file)
+    sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
+    points = sweep.grid(spec, args.overrides)
+    if args.dry_run:
+        print(sweep.dry_run(points, sweep_dir, args.force))
+        return 0
+    if args.wandb:
+        path = sweep.create_wandb_sweep(spec, args.overrides, args.project, args.entity)
+        print(f"Created W&B sweep {path} ({len(points)} runs in the grid).\n"
+              f"On every machine that should join (in a checkout with `make setup` done):\n"
+              f"  .venv/bin/wandb agent {path}")
+        return 0
+    return sweep.run_local(spec, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
+                           launcher=None if args.launcher == "local" else args.launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="kdexp", usage=USAGE, add_help=False)
-    parser.add_argument("command", nargs="?")
-    parser.add_argument("-h", "--help", action="store_true")
-    args, rest = parser.parse_known_args(argv[:1])
-    rest = argv[1:]
-    if args.command is None or (args.help and args.command is None):
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    if args.command == "train":
-        from kdexp import train
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from kdexp import train
 
-        sys.argv = ["kdexp train", *rest]
-        train.main()
-        return 0
-    if args.command == "demo":
-        from kdexp import demo
+            sys.argv = ["kdexp train", *rest]
+            train.main()
+            return 0
+        if command == "demo":
+            from kdexp import demo
 
-        return demo.main(rest)
-    print(f"kdexp: unknown command '{args.command}'\n\n{USAGE}", file=sys.stderr)
+            return demo.main(rest)
+        if command == "sweep":
+            return sweep_main(rest)
+        if command == "report":
+            from kdexp.report.cli import main as report_main
+
+            return report_main(rest)
+    except KdexpError as err:
+        print(f"kdexp {command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"kdexp: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

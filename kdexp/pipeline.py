@@ -142,19 +142,43 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
 
 
 # -- a student run -----------------------------------------------------------------
+IF_FINISHED = ("error", "skip", "rerun")
+
+
 def check_output_dir(output_dir: Path, if_finished: str) -> dict[str, Any] | None:
-    """Protect a finished run in ``output_dir``: return its record to skip, or refuse."""
-    if if_finished not in ("error", "skip"):
-        raise ConfigError(f"if_finished must be 'error' or 'skip', got '{if_finished}'.")
+    """Protect a finished run in ``output_dir``.
+
+    ``error``: refuse. ``skip``: return its record so the caller skips the run (a
+    half-done sweep resumes). ``rerun``: move the finished run's files into
+    ``output_dir/archive/<finished_at>/`` first, so nothing finished is ever lost.
+    """
+    if if_finished not in IF_FINISHED:
+        raise ConfigError(f"if_finished must be one of {', '.join(IF_FINISHED)}; got '{if_finished}'.")
     previous = read_record(output_dir)
     if previous is None or previous.get("status") != "finished":
         return None
     if if_finished == "skip":
         return previous
+    if if_finished == "rerun":
+        archive_run(output_dir, previous)
+        return None
     raise RunExistsError(
         f"{output_dir} already holds a finished run (record {output_dir / 'run_record.json'}); it is never "
-        "overwritten. Choose another hydra.run.dir, delete that folder, or pass if_finished=skip."
+        "overwritten. Choose another hydra.run.dir, delete that folder, or pass if_finished=skip "
+        "(keep it) or if_finished=rerun (archive it and run again)."
     )
+
+
+def archive_run(output_dir: Path, record: dict[str, Any]) -> Path:
+    """Move a finished run's record, checkpoints and logs under ``archive/<finished_at>``."""
+    stamp = str(record.get("finished_at", "unknown")).replace(":", "-")
+    target = output_dir / "archive" / stamp
+    target.mkdir(parents=True, exist_ok=True)
+    for item in output_dir.iterdir():
+        if item.name not in ("archive", ".hydra"):
+            item.rename(target / item.name)
+    log.info("Archived the finished run in %s to %s before running again.", output_dir, target)
+    return target
 
 
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:

@@ -67,12 +67,17 @@ def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg)
     except KdexpError as err:
-        # A problem the user can fix: say it plainly. In a multirun, the record keeps
-        # the failure and the other jobs go on; a single run exits non-zero.
+        # A problem the user can fix: say it plainly, without a traceback.
         log.error("kdexp: %s: %s", type(err).__name__, err)
         if _in_multirun():
-            return None
+            return None  # the record keeps the failure; the other jobs of the sweep go on
         sys.exit(2)
+    except Exception:
+        if not _in_multirun():
+            raise
+        # One broken run must not stop a grid: its record says failed, with the error.
+        log.exception("kdexp: this run failed; the sweep goes on")
+        return None
     return float(record.get("metrics", {}).get("test/acc", float("nan")))
 
 

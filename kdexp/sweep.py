@@ -1,0 +1,210 @@
+"""Run a sweep file (W&B sweep format) locally as one Hydra multirun, or create it on W&B.
+
+A sweep file is what ``wandb sweep`` reads: ``method``, ``metric``, ``parameters``
+(dotted Hydra config paths with ``value`` or ``values``) and a ``command`` that hands
+the parameters to ``kdexp/train.py`` as ``${args_no_hyphens}``. Locally the same grid
+becomes ``python -m kdexp.train --multirun key=v1,v2 ...`` with one folder per grid
+point under ``outputs/sweeps/<name>/``; finished points are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdexp.errors import ConfigError, KdexpError
+from kdexp.records import RECORD_NAME, read_record
+
+GridPoint = tuple[str, ...]  # sorted "key=value" overrides of one run
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    path: Path
+    raw: dict[str, Any]
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # key → values, in file order
+
+
+def hydra_value(value: Any) -> str:
+    """How a value is written in a Hydra override (and in ``${args_no_hyphens}``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Parse and check a sweep file; only explicit ``value``/``values`` run locally."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}. The shipped ones are in sweeps/ (see sweeps/README.md).")
+    raw = yaml.safe_load(path.read_text()) or {}
+    params = raw.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{path}: a sweep file needs a 'parameters' mapping of config paths to value/values.")
+    axes: dict[str, list[Any]] = {}
+    for key, spec in params.items():
+        if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
+            raise ConfigError(
+                f"{path}: parameter '{key}' has no 'value' or 'values' ({spec}). Local sweeps run explicit grids; "
+                "distributions (min/max) only work as W&B sweeps (kdexp sweep --wandb)."
+            )
+        values = spec["values"] if "values" in spec else [spec["value"]]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: parameter '{key}': 'values' must be a non-empty list.")
+        axes[str(key)] = values
+    return SweepSpec(name=str(raw.get("name") or path.stem), path=path, raw=raw, axes=axes)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """``key=v1,v2`` command-line overrides as key → values (they replace the file's axis)."""
+    parsed: dict[str, list[str]] = {}
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            raise ConfigError(f"expected a Hydra override key=value, got '{item}'.")
+        key, value = item.split("=", 1)
+        parsed[key] = value.split(",") if value and "[" not in value else [value]
+    return parsed
+
+
+def grid(spec: SweepSpec, overrides: list[str] | None = None) -> list[GridPoint]:
+    """Every run of the sweep (the cartesian product of its axes), as W&B's grid search expands it."""
+    axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
+    axes.update(parse_overrides(overrides or []))
+    keys = list(axes)
+    return [tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*axes.values())]
+
+
+def multirun_command(spec: SweepSpec, sweep_dir: Path, overrides: list[str], jobs: int, launcher: str | None) -> list[str]:
+    """The ``python -m kdexp.train --multirun`` command that runs the whole grid."""
+    axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
+    axes.update(parse_overrides(overrides))
+    command = [sys.executable, "-m", "kdexp.train", "--multirun"]
+    command += [f"{k}={','.join(vs)}" for k, vs in axes.items()]
+    command.append(f"hydra.sweep.dir={sweep_dir}")
+    if launcher == "slurm":
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise KdexpError("--launcher slurm needs hydra-submitit-launcher: pip install -e '.[launchers]'.")
+        command.append("hydra/launcher=slurm")
+    elif jobs > 1:
+        if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+            raise KdexpError("--jobs N needs hydra-joblib-launcher: pip install -e '.[launchers]'.")
+        command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    return command
+
+
+def worker_env(jobs: int, if_finished: str) -> dict[str, str]:
+    """Environment for the sweep: threads per worker so N workers do not oversubscribe the cores."""
+    cores = os.cpu_count() or 1
+    threads = str(max(1, cores // max(jobs, 1)))
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "KDEXP_IF_FINISHED": if_finished})
+    return env
+
+
+def collect(sweep_dir: Path) -> dict[GridPoint, tuple[Path, dict[str, Any]]]:
+    """Records under ``sweep_dir`` keyed by their grid point (the run's sorted overrides)."""
+    found = {}
+    for record_path in sorted(sweep_dir.glob(f"*/{RECORD_NAME}")):
+        record = read_record(record_path.parent)
+        if record is not None:
+            found[tuple(sorted(record.get("overrides", [])))] = (record_path.parent, record)
+    return found
+
+
+def summarize(points: list[GridPoint], sweep_dir: Path, started: float | None) -> tuple[str, dict[str, int]]:
+    """Finished / skipped / failed / missing counts for ``points``, and failures with their errors."""
+    records = collect(sweep_dir)
+    counts = {"finished": 0, "skipped": 0, "failed": 0, "missing": 0}
+    failures = []
+    for point in points:
+        folder, record = records.get(point, (None, None))
+        status = (record or {}).get("status")
+        if record is None or status not in ("finished", "failed"):
+            counts["missing"] += 1
+            failures.append(f"  missing   {' '.join(point)}")
+        elif status == "failed":
+            counts["failed"] += 1
+            error = record.get("error", {})
+            failures.append(f"  failed    {' '.join(point)}\n            {error.get('type')}: "
+                            f"{str(error.get('message', ''))[:300]}  ({folder})")
+        elif started is not None and _finished_before(record, started):
+            counts["skipped"] += 1
+        else:
+            counts["finished"] += 1
+    head = (f"sweep {sweep_dir}: {len(points)} runs — {counts['finished']} finished, {counts['skipped']} skipped "
+            f"(already finished), {counts['failed']} failed, {counts['missing']} missing")
+    return "\n".join([head, *failures]), counts
+
+
+def _finished_before(record: dict[str, Any], started: float) -> bool:
+    try:
+        return time.mktime(time.strptime(record["finished_at"][:19], "%Y-%m-%dT%H:%M:%S")) < started - 1
+    except (KeyError, ValueError):
+        return False
+
+
+def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool) -> str:
+    """One line per run: what a real invocation would do with it."""
+    records = collect(sweep_dir)
+    lines = []
+    for i, point in enumerate(points):
+        status = records.get(point, (None, {}))[1].get("status")
+        action = "skip (finished)" if status == "finished" and not force else (
+            "rerun (archive finished)" if status == "finished" else "run")
+        lines.append(f"{i:4d}  {action:24s} {' '.join(point)}")
+    return "\n".join(lines + [f"{len(points)} runs in {sweep_dir}"])
+
+
+def run_local(spec: SweepSpec, overrides: list[str], sweep_dir: Path, jobs: int = 1, force: bool = False,
+              launcher: str | None = None) -> int:
+    """Run the grid as one Hydra multirun; returns 0 when every run finished."""
+    points = grid(spec, overrides)
+    command = multirun_command(spec, sweep_dir, overrides, jobs, launcher)
+    print(f"kdexp sweep {spec.name}: {len(points)} runs, {jobs} worker(s) → {sweep_dir}", flush=True)
+    print("  " + " ".join(command[1:]), flush=True)
+    started = time.time()
+    proc = subprocess.run(command, env=worker_env(jobs, "rerun" if force else "skip"))
+    text, counts = summarize(points, sweep_dir, started)
+    print(f"\n{text}\n  wall time {time.time() - started:.0f} s", flush=True)
+    if proc.returncode != 0:
+        print(f"  the multirun itself exited with code {proc.returncode}", flush=True)
+    return 0 if proc.returncode == 0 and counts["failed"] == counts["missing"] == 0 else 1
+
+
+def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:
+    """The sweep file as sent to W&B, with command-line overrides folded in as fixed values or lists."""
+    config = {k: v for k, v in spec.raw.items() if k != "description"}
+    params = dict(config.get("parameters", {}))
+    for key, values in parse_overrides(overrides).items():
+        params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
+    config["parameters"] = params
+    return config
+
+
+def create_wandb_sweep(spec: SweepSpec, overrides: list[str], project: str, entity: str | None) -> str:
+    """Create the sweep on the W&B server and return ``entity/project/id``."""
+    from kdexp.tracking import resolve_wandb_mode
+
+    mode, reason = resolve_wandb_mode("auto")
+    if mode != "online":
+        raise KdexpError(f"--wandb needs the W&B server, but W&B is {mode} ({reason}). Run `wandb login`, "
+                         "or run the same grid locally without --wandb.")
+    import wandb
+
+    sweep_id = wandb.sweep(sweep=wandb_sweep_config(spec, overrides), project=project, entity=entity)
+    entity = entity or wandb.Api().default_entity
+    return f"{entity}/{project}/{sweep_id}"

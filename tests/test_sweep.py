@@ -1,0 +1,119 @@
+"""Sweeps through the real CLI: a Hydra multirun per sweep file, resume, failures, one teacher."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, load_record, run_cli
+from kdexp.errors import ConfigError
+from kdexp.sweep import grid, load_sweep, wandb_sweep_config
+
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+FAST = ["logger=csv"]  # W&B is exercised by the CLI tests; CSV keeps the grid quick
+
+
+def sweep_cli(args: list[str], cache: Path, **kw):
+    return run_cli(["sweep", *args], cache, module="kdexp.cli", **kw)
+
+
+def wandb_grid(config: dict) -> set[tuple[str, ...]]:
+    """How a W&B grid search expands ``parameters``, written out independently of kdexp."""
+    params = config["parameters"]
+    keys = list(params)
+    values = [params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys]
+    return {tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*values)}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke grid (16 runs) with two parallel workers and a fresh teacher cache."""
+    base = tmp_path_factory.mktemp("sweep")
+    os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    proc = sweep_cli([str(SMOKE), *FAST, "--jobs", "2", "--dir", str(base / "smoke")], base / "cache")
+    return base, proc
+
+
+def records_in(folder: Path) -> list[dict]:
+    return [load_record(p.parent) for p in sorted(folder.glob("*/run_record.json"))]
+
+
+def test_local_sweep_runs_the_whole_grid(smoke):
+    base, proc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16 runs — 16 finished, 0 skipped (already finished), 0 failed, 0 missing" in proc.stdout
+    records = records_in(base / "smoke")
+    assert len(records) == 16 and all(r["status"] == "finished" for r in records)
+    assert {r["config"]["group"] for r in records} == {"smoke"}
+
+
+def test_wandb_sweep_and_local_sweep_expand_to_the_same_runs(smoke):
+    base, _ = smoke
+    spec = load_sweep(SMOKE)
+    ran = {tuple(sorted(r["overrides"])) for r in records_in(base / "smoke")}
+    sent_to_wandb = wandb_grid(wandb_sweep_config(spec, FAST))
+    assert ran == sent_to_wandb == set(grid(spec, FAST))
+    assert len(ran) == 16
+    assert yaml.safe_load(SMOKE.read_text())["command"][-1] == "${args_no_hyphens}"
+
+
+def test_parallel_workers_train_the_teacher_once(smoke):
+    base, proc = smoke
+    sources = [r["teacher"]["source"] for r in records_in(base / "smoke")]
+    assert sources.count("trained") == 1 and sources.count("cache") == 15
+    assert len(list((base / "cache" / "teachers").iterdir())) == 1
+    assert len({r["teacher"]["hash"] for r in records_in(base / "smoke")}) == 1
+
+
+def test_rerun_skips_finished_runs_and_force_archives_then_reruns(smoke):
+    base, _ = smoke
+    folder = base / "smoke"
+    before = {p: p.stat().st_mtime_ns for p in folder.glob("*/run_record.json")}
+    dry = sweep_cli([str(SMOKE), *FAST, "--dir", str(folder), "--dry-run"], base / "cache")
+    assert dry.stdout.count("skip (finished)") == 16
+    again = sweep_cli([str(SMOKE), *FAST, "--dir", str(folder)], base / "cache")
+    assert again.returncode == 0 and "0 finished, 16 skipped" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("*/run_record.json")} == before
+
+    one_point = ["kd.temperature=2", "kd.alpha=0.5", "student.width=16", "seed=1"]
+    forced = sweep_cli([str(SMOKE), *FAST, *one_point, "--dir", str(folder), "--force"], base / "cache")
+    assert forced.returncode == 0 and "1 runs — 1 finished, 0 skipped" in forced.stdout
+    changed = [p for p in folder.glob("*/run_record.json") if p.stat().st_mtime_ns != before[p]]
+    assert len(changed) == 1
+    archived = list(changed[0].parent.glob("archive/*/run_record.json"))
+    assert len(archived) == 1 and load_record(archived[0].parent)["status"] == "finished"
+    assert list(changed[0].parent.glob("archive/*/checkpoints/best.ckpt"))
+
+
+def test_a_bad_value_fails_alone_and_the_grid_finishes(smoke, tmp_path):
+    base, _ = smoke
+    proc = sweep_cli([str(SMOKE), *FAST, "kd.temperature=-1,2", "kd.alpha=0.5", "student.width=16", "seed=1",
+                      "--dir", str(tmp_path / "bad")], base / "cache")
+    assert proc.returncode == 1
+    assert "2 runs — 1 finished, 0 skipped (already finished), 1 failed" in proc.stdout
+    assert "ConfigError: kd.temperature must be > 0, got -1" in proc.stdout
+    statuses = sorted((r["config"]["kd"]["temperature"], r["status"]) for r in records_in(tmp_path / "bad"))
+    assert statuses == [(-1, "failed"), (2, "finished")]
+
+
+def test_wandb_sweep_needs_the_server(tmp_path):
+    proc = sweep_cli([str(SMOKE), "--wandb"], tmp_path / "cache", extra_env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 2 and "--wandb needs the W&B server, but W&B is offline" in proc.stderr
+
+
+def test_sweep_file_errors_are_explained(tmp_path):
+    bad = tmp_path / "random.yaml"
+    bad.write_text("method: random\nparameters:\n  kd.temperature: {min: 1, max: 10}\n")
+    with pytest.raises(ConfigError, match="distributions .* only work as W&B sweeps"):
+        load_sweep(bad)
+    with pytest.raises(ConfigError, match="sweep file not found"):
+        load_sweep(tmp_path / "nope.yaml")
+
+
+def test_shipped_sweeps_parse_and_have_the_documented_size():
+    sizes = {p.stem: len(grid(load_sweep(p))) for p in (ROOT / "sweeps").glob("*.yaml")}
+    assert sizes == {"hinton_grid": 36, "ce_baseline": 6, "smoke": 16, "smoke_baseline": 4}
