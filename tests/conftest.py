@@ -36,7 +36,7 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared-cache")
 
 
-def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+def compose_config(overrides: list[str], tmp_path: Path, keep_hydra: bool = False) -> DictConfig:
     """Compose ``conf/train.yaml`` like the CLI does, with every path under ``tmp_path``."""
     GlobalHydra.instance().clear()
     base = [
@@ -47,8 +47,9 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=base + overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
     return cfg
 
 

@@ -35,6 +35,16 @@ def setup_for(group: str, option: str) -> list[str]:
     return []
 
 
+def test_slurm_launcher_config(tmp_path):
+    from hydra.utils import instantiate as hydra_instantiate
+
+    cfg = compose_config(["hydra/launcher=slurm"], tmp_path, keep_hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.cpus_per_task == 4 and cfg.hydra.launcher.timeout_min == 120
+    launcher = hydra_instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+
+
 def test_the_defaults_list_names_every_group():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     assert groups == {"data", "teacher", "student", "kd", "optimizer", "scheduler", "trainer", "logger",
