@@ -94,6 +94,15 @@ def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMe
     return metrics
 
 
+def apply_num_threads(num_threads: int | None) -> None:
+    """Pin torch's CPU threads (null keeps torch's default of one per core)."""
+    if num_threads is None:
+        return
+    if int(num_threads) < 1:
+        raise ConfigError(f"num_threads must be >= 1 or null, got {num_threads}.")
+    torch.set_num_threads(int(num_threads))
+
+
 # -- the teacher -------------------------------------------------------------------
 def get_teacher(cfg: DictConfig) -> Teacher:
     """Load ``teacher.checkpoint`` or train-once-and-cache (see :mod:`kdexp.teacher`)."""
@@ -111,7 +120,9 @@ def get_teacher(cfg: DictConfig) -> Teacher:
     def train(model: nn.Module, folder: Path) -> float:
         return train_teacher(cfg, model, folder)
 
-    key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), to_plain(cfg.trainer))
+    # num_threads changes summation order, hence the trained weights: part of the key.
+    trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
+    key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), trainer_settings)
     return provision_teacher(build_model, tcfg.get("checkpoint"), num_classes, Path(cfg.paths.cache_dir) / "teachers",
                              key, train=train, evaluate=evaluate)
 
@@ -189,6 +200,7 @@ def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
 def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     """Train one student (distilled, or CE-only for ``kd=none``) and fill its record."""
     output_dir = recorder.folder
+    apply_num_threads(cfg.get("num_threads"))
     datamodule: InMemoryDataModule = instantiate(cfg.data)
     datamodule.setup()
     fingerprint = datamodule.fingerprint()

@@ -107,9 +107,12 @@ def multirun_command(spec: SweepSpec, sweep_dir: Path, overrides: list[str], job
 
 
 def worker_env(jobs: int, if_finished: str) -> dict[str, str]:
-    """Environment for the sweep: threads per worker so N workers do not oversubscribe the cores."""
-    cores = os.cpu_count() or 1
-    threads = str(max(1, cores // max(jobs, 1)))
+    """Environment for the sweep.
+
+    Each run pins torch to ``num_threads`` (default 1), so N workers use N cores and
+    results do not depend on N; BLAS libraries outside torch get cores / N threads.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // max(jobs, 1)))
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "KDEXP_IF_FINISHED": if_finished})
     return env
