@@ -117,3 +117,14 @@ def test_sweep_file_errors_are_explained(tmp_path):
 def test_shipped_sweeps_parse_and_have_the_documented_size():
     sizes = {p.stem: len(grid(load_sweep(p))) for p in (ROOT / "sweeps").glob("*.yaml")}
     assert sizes == {"hinton_grid": 36, "ce_baseline": 6, "smoke": 16, "smoke_baseline": 4}
+
+
+def test_a_parallel_sweep_run_equals_the_same_run_alone(smoke, tmp_path):
+    """Runs pin torch to num_threads, so the worker count never changes a result."""
+    base, _ = smoke
+    in_sweep = records_in(base / "smoke")[0]
+    proc = run_cli([*in_sweep["overrides"], f"hydra.run.dir={tmp_path / 'alone'}"], base / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = load_record(tmp_path / "alone")
+    keys = ("test/acc", "test/acc_last", "train/loss", "val/acc_best", "test/agreement")
+    assert {k: alone["metrics"][k] for k in keys} == {k: in_sweep["metrics"][k] for k in keys}
