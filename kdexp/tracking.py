@@ -12,10 +12,11 @@ import netrc
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pytorch_lightning.loggers import CSVLogger, Logger
+if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so `kdexp report` starts fast
+    from pytorch_lightning.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ def wandb_logger(
 
 def csv_logger(save_dir: str | Path, run_name: str, **_: Any) -> Logger:
     """Metrics to ``save_dir/csv/metrics.csv``, for people without W&B."""
+    from pytorch_lightning.loggers import CSVLogger
+
     return CSVLogger(save_dir=str(save_dir), name="csv", version="")
 
 

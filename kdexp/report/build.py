@@ -1,0 +1,81 @@
+"""Records → tables: validate the request, filter, check what may be averaged, aggregate.
+
+This is the whole report without I/O; the CLI and tests both go through
+:func:`make_tables`, whether the records came from folders or from W&B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kdexp.report.consistency import check_consistent, split_groups
+from kdexp.report.errors import ReportError
+from kdexp.report.runs import apply_where, check_metric, known_paths, is_choice_axis, runs_frame, with_axes
+from kdexp.report.table import MODES, Table, build_table, default_better
+
+DEFAULT_ROWS = ("student.width", "kd.temperature")
+DEFAULT_COLS = ("kd.alpha",)
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What table to build (the CLI options, parsed)."""
+
+    rows: tuple[str, ...] = DEFAULT_ROWS
+    cols: tuple[str, ...] = DEFAULT_COLS
+    metric: str = "test/acc"
+    where: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    split: bool = False
+    mode: str = "raw"  # raw | delta | paired
+    better: str = "auto"  # auto | max | min
+
+
+def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportSpec()) -> tuple[list[Table], list[str]]:
+    """The tables for ``records`` (one, or one per combination with ``split``), and notes."""
+    if spec.mode not in MODES:
+        raise ReportError(f"mode must be one of {', '.join(MODES)}; got '{spec.mode}'.")
+    runs = runs_frame(records)
+    runs = runs[~runs["_kind"].isin(["teacher", "report"])]
+    if runs.empty:
+        raise ReportError("no student runs to report on (only teacher records?): point at a sweep or run folder.")
+    rows, cols, notes = _axes(runs, spec)
+    runs = apply_where(with_axes(runs, [*rows, *cols]), spec.where)
+    if runs.empty:
+        shown = " ".join(f"--where {k}={v}" for k, v in spec.where)
+        raise ReportError(f"no run matches {shown}: check the values (kdexp report … --rows KEY shows which exist).")
+    check_metric(runs, spec.metric)
+    better = default_better(spec.metric) if spec.better == "auto" else spec.better
+    axes = [*rows, *cols]
+    if spec.split:
+        groups = split_groups(runs, axes, spec.ignore)
+    else:
+        check_consistent(runs, axes, spec.ignore)
+        groups = [({}, runs)]
+    tables = [build_table(group, rows=rows, cols=cols, metric=spec.metric, mode=spec.mode, better=better,
+                          split=label) for label, group in groups]
+    return tables, notes
+
+
+def _axes(runs, spec: ReportSpec) -> tuple[list[str], list[str], list[str]]:
+    """The axes, checked; default axes no run has are dropped (explicit ones must exist)."""
+    rows, cols = list(spec.rows), list(spec.cols)
+    notes = []
+    if (rows, cols) == (list(DEFAULT_ROWS), list(DEFAULT_COLS)):
+        known = known_paths(runs)
+        absent = [a for a in rows + cols if a not in known and not is_choice_axis(runs, a)]
+        if absent:
+            notes.append(f"default axes {', '.join(absent)} are in no record and were dropped")
+            rows, cols = [a for a in rows if a not in absent], [a for a in cols if a not in absent]
+    overlap = set(rows) & set(cols)
+    if overlap:
+        raise ReportError(f"{', '.join(sorted(overlap))} is both a row and a column axis: use it in --rows or --cols.")
+    if len(set(rows)) != len(rows) or len(set(cols)) != len(cols):
+        raise ReportError("an axis is listed twice in --rows or --cols.")
+    if not rows:
+        raise ReportError("the table needs at least one row axis: pass --rows, e.g. --rows student.width.")
+    if any(a.startswith("_") for a in rows + cols):
+        raise ReportError("axis names cannot start with '_': use a config path such as student.width.")
+    return rows, cols, notes

@@ -1,0 +1,148 @@
+"""PNG figures of a table's runs: a T × α heatmap per student width, and metric vs width.
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, so no pyplot
+state or interactive backend is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from kdexp.report.formats import METRIC_TITLES, scale_of
+from kdexp.report.runs import axis_values
+from kdexp.report.table import Table
+from kdexp.report.values import format_value, matches
+
+WIDTH, TEMPERATURE, ALPHA = "student.width", "kd.temperature", "kd.alpha"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form: ``test/acc`` → ``test_acc``."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_") or "report"
+
+
+def plot_table(table: Table, out_dir: str | Path, *,
+               kd_at: Mapping[str, str] | None = None) -> tuple[list[Path], list[str]]:
+    """Write the figures of ``table`` under ``out_dir``; returns (files, notes on figures skipped)."""
+    out = Path(out_dir)
+    runs = table.runs.assign(_w=axis_values(table.runs, WIDTH), _t=axis_values(table.runs, TEMPERATURE),
+                             _a=axis_values(table.runs, ALPHA))
+    mixed = _other_varying_axes(runs, table.axes)
+    if mixed:
+        return [], [f"plots skipped for {table.heading or table.metric}: they would average over {', '.join(mixed)} "
+                    "(fix it with --where or --split)"]
+    out.mkdir(parents=True, exist_ok=True)
+    files, notes = [], []
+    kd = runs[runs["_kind"].eq("distill")]
+    if kd["_t"].notna().any() and kd["_a"].notna().any():
+        files += _heatmaps(table, runs, out)
+    else:
+        notes.append("no heatmap: the KD runs have no kd.temperature and kd.alpha")
+    if runs["_w"].notna().any():
+        path, note = _width_plot(table, runs, out, kd_at or {})
+        files += [path] if path else []
+        notes += [note] if note else []
+    else:
+        notes.append("no width plot: the runs have no student.width")
+    return files, notes
+
+
+def _other_varying_axes(runs: pd.DataFrame, axes: list[str]) -> list[str]:
+    """Table axes besides width, T and α that take several values within KD or within CE-only runs."""
+    out = []
+    for axis in axes:
+        if axis in (WIDTH, TEMPERATURE, ALPHA):
+            continue
+        if any(runs.loc[runs["_kind"].eq(kind), axis].nunique() > 1 for kind in ("distill", "baseline")):
+            out.append(axis)
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _heatmaps(table: Table, runs: pd.DataFrame, out: Path) -> list[Path]:
+    factor, dp, unit = scale_of(table.metric)
+    kd = runs[runs["_kind"].eq("distill") & runs["_t"].notna() & runs["_a"].notna()]
+    ce = runs[runs["_kind"].eq("baseline")]
+    files = []
+    for width in sorted(kd["_w"].dropna().unique()) or [None]:
+        sub = kd if width is None else kd[kd["_w"].eq(width)]
+        grid = sub.astype({"_t": float, "_a": float}).pivot_table(
+            index="_t", columns="_a", values="_value", aggfunc="mean") * factor
+        fig = Figure(figsize=(1.2 + 1.1 * grid.shape[1], 1.0 + 0.8 * grid.shape[0]))
+        ax = fig.add_subplot()
+        image = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(grid.shape[1]), [format_value(a) for a in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [format_value(t) for t in grid.index])
+        ax.set_xlabel("α (kd.alpha)")
+        ax.set_ylabel("T (kd.temperature)")
+        low, high = np.nanmin(grid.to_numpy()), np.nanmax(grid.to_numpy())
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            bright = not math.isnan(value) and value > (low + high) / 2
+            ax.text(j, i, "—" if math.isnan(value) else f"{value:.{max(dp - 1, 1)}f}", ha="center", va="center",
+                    color="black" if bright else "white", fontsize=9)
+        fig.colorbar(image, ax=ax, label=f"{table.metric}{' (%)' if unit else ''}")
+        title = f"{table.metric}, mean over seeds" + ("" if width is None else f", student width {format_value(width)}")
+        base = ce if width is None else ce[ce["_w"].eq(width)]
+        if len(base):
+            title += f"\nCE only: {base['_value'].mean() * factor:.{dp}f}"
+        ax.set_title(title, fontsize=10)
+        suffix = "" if width is None else f"_width{format_value(width)}"
+        files.append(_save(fig, out / f"heatmap_{slug(table.metric)}{suffix}.png"))
+    return files
+
+
+def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
+                kd_at: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    factor, dp, unit = scale_of(table.metric)
+    kd = runs[runs["_kind"].eq("distill")]
+    if kd_at:
+        for key, wanted in kd_at.items():
+            kd = kd[axis_values(kd, key).map(lambda v, w=wanted: matches(v, w))]
+        label = "KD at " + ", ".join(f"{k.removeprefix('kd.')}={v}" for k, v in kd_at.items())
+    else:
+        label = "KD, best (T, α) per width"
+    cells = (kd.groupby(["_w", "_t", "_a"], dropna=False).agg(mean=("_value", "mean"), std=("_value", "std"))
+             .reset_index().dropna(subset=["_w"]))
+    pick = cells.groupby("_w")["mean"].transform("max" if table.better == "max" else "min").eq(cells["mean"])
+    best = cells[pick].drop_duplicates("_w").sort_values("_w")
+    ce = (runs[runs["_kind"].eq("baseline")].groupby("_w").agg(mean=("_value", "mean"), std=("_value", "std"))
+          .reset_index().sort_values("_w"))
+    if best.empty and ce.empty:
+        return None, "no width plot: no runs" + (f" at {label}" if kd_at else "")
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    if len(best):
+        x = best["_w"].astype(float)
+        ax.errorbar(x, best["mean"] * factor, yerr=best["std"].fillna(0) * factor, marker="o", capsize=3, label=label)
+        if not kd_at:
+            for xi, yi, t, a in zip(x, best["mean"] * factor, best["_t"], best["_a"]):
+                ax.annotate(f"T={format_value(t)}, α={format_value(a)}", (xi, yi), textcoords="offset points",
+                            xytext=(4, 6), fontsize=7)
+    if len(ce):
+        ax.errorbar(ce["_w"].astype(float), ce["mean"] * factor, yerr=ce["std"].fillna(0) * factor, marker="s",
+                    capsize=3, label="CE only (kd=none)")
+    teacher = table.cells[table.cells["_kind"].eq("teacher")]
+    if len(teacher):
+        ax.axhline(teacher["mean"].iloc[0] * factor, color="gray", linestyle="--", label="teacher (test acc)")
+    widths = sorted(set(best["_w"].astype(float)) | set(ce["_w"].astype(float)))
+    if widths and min(widths) > 0 and max(widths) / min(widths) >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [format_value(w) for w in widths])
+    ax.set_xlabel("student width (student.width)")
+    ax.set_ylabel(f"{table.metric}{' (%)' if unit else ''}")
+    ax.set_title(f"{METRIC_TITLES.get(table.metric, table.metric)}\nmean ± std over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"width_{slug(table.metric)}.png"), None

@@ -1,0 +1,185 @@
+"""Records → one pandas row per run, and the lookups the table keys on.
+
+A run's config is flattened to dotted paths (``kd.temperature``), so any setting can
+be an axis, a ``--where`` filter or a key the consistency check compares. Internal
+columns start with ``_``; axis columns are named by their path.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kdexp.report.errors import ReportError
+from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
+
+# Record fields (not config) a table may key on.
+RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → ``{"kd.temperature": 8.0, ...}`` with normalized values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = normalize(value)
+    return flat
+
+
+def run_kind(record: Mapping[str, Any]) -> str:
+    """``distill`` or ``baseline``; a run that failed before it knew its job type goes by ``kd=none``."""
+    job_type = record.get("job_type")
+    if job_type in ("distill", "baseline"):
+        return job_type
+    choices = record.get("choices") or (record.get("config") or {}).get("choices") or {}
+    return "baseline" if choices.get("kd") == "none" else "distill"
+
+
+def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per student run with its kind, status, seed, flat config, metrics and identity."""
+    rows = []
+    for record in records:
+        config = record.get("config") or {}
+        teacher = record.get("teacher") if isinstance(record.get("teacher"), Mapping) else {}
+        metrics = dict(record.get("metrics") or {})
+        teacher_acc = pd.to_numeric(pd.Series([metrics.get("teacher/test_acc", teacher.get("test_acc"))]),
+                                    errors="coerce").iloc[0]
+        error = record.get("error") if isinstance(record.get("error"), Mapping) else {}
+        seed = record.get("seed", config.get("seed"))
+        rows.append({
+            "_kind": run_kind(record),
+            "_status": str(record.get("status") or "running"),
+            "_seed": None if seed is None else int(seed),
+            "_config": flatten(config),
+            "_choices": dict(record.get("choices") or config.get("choices") or {}),
+            "_metrics": metrics,
+            "_teacher_hash": teacher.get("hash"),
+            "_teacher_acc": teacher_acc,
+            "_data_fingerprint": record.get("data_fingerprint"),
+            "_error": error.get("type"),
+            "_source": record.get("_source") or record.get("output_dir") or record.get("run_name"),
+            "_time": record.get("finished_at") or record.get("started_at"),
+        })
+    return pd.DataFrame(rows, columns=["_kind", "_status", "_seed", "_config", "_choices", "_metrics",
+                                       "_teacher_hash", "_teacher_acc", "_data_fingerprint", "_error",
+                                       "_source", "_time"])
+
+
+def is_kd_scoped(path: str) -> bool:
+    """Settings of the KD objective: a CE-only baseline has none of them."""
+    return path == "kd" or path.startswith("kd.") or path == "choices.kd"
+
+
+def is_choice_axis(runs: pd.DataFrame, path: str) -> bool:
+    """A bare group name (``kd``, ``student``) that some run lists in its ``choices``."""
+    return "." not in path and bool(runs["_choices"].map(lambda c: path in c).any())
+
+
+def axis_values(runs: pd.DataFrame, path: str) -> pd.Series:
+    """Each run's value at ``path``: a group's chosen option, a record field, or a dotted config path."""
+    if is_choice_axis(runs, path):
+        values = runs["_choices"].map(lambda c: c.get(path))
+    elif path in RECORD_FIELDS:
+        values = runs[f"_{path}"]
+    else:
+        values = runs["_config"].map(lambda c: c.get(path))
+    # one null marker (NaN) for absent settings, so pandas groups and merges them alike
+    return values.astype(object).where(values.notna(), np.nan)
+
+
+def known_paths(runs: pd.DataFrame) -> set[str]:
+    keys: set[str] = set(RECORD_FIELDS)
+    for config in runs["_config"]:
+        keys.update(config)
+    for choices in runs["_choices"]:
+        keys.update(choices)
+    return keys
+
+
+def check_path(runs: pd.DataFrame, path: str, what: str) -> None:
+    """Refuse a path no run has, naming the closest real ones."""
+    if is_choice_axis(runs, path) or path in RECORD_FIELDS:
+        return
+    known = known_paths(runs)
+    if path in known:
+        return
+    below = sorted(k for k in known if k.startswith(f"{path}."))
+    if below:
+        raise ReportError(f"{what} '{path}' is a group of settings, not one value; pick one of: "
+                          f"{', '.join(below[:8])}.")
+    close = difflib.get_close_matches(path, sorted(known), n=4, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ReportError(f"{what} '{path}' is not a setting of any run.{hint} Use a dotted config path "
+                      "(student.width, kd.temperature, trainer.max_epochs) or a group name "
+                      "(kd, student, data, teacher).")
+
+
+def with_axes(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """``runs`` with one column per axis, named by its path."""
+    for axis in axes:
+        check_path(runs, axis, "axis")
+    return runs.assign(**{axis: axis_values(runs, axis) for axis in axes})
+
+
+def parse_assignments(items: Iterable[str], option: str) -> list[tuple[str, str]]:
+    """``["kd.alpha=0.9"]`` → ``[("kd.alpha", "0.9")]``."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ReportError(f"{option} '{item}' must look like key=value, e.g. {option} kd.alpha=0.9.")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def apply_where(runs: pd.DataFrame, clauses: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """Keep runs whose setting equals one of the comma-separated values of each clause.
+
+    A clause on a KD setting (``kd.alpha=0.9``) selects among the KD runs only: the
+    CE-only baseline has no α and must stay as the reference.
+    """
+    keep = pd.Series(True, index=runs.index)
+    for key, wanted in clauses:
+        check_path(runs, key, "--where key")
+        options = wanted.split(",")
+        values = axis_values(runs, key)
+        hit = values.map(lambda v: any(matches(v, w) for w in options)).astype(bool)
+        if not hit.any():
+            present = sorted({format_value(v) for v in values.dropna()}, key=lambda t: sort_key(parse_scalar(t)))
+            raise ReportError(f"no run matches --where {key}={wanted}; the runs have {key} = "
+                              f"{', '.join(present) or 'nothing'}.")
+        if is_kd_scoped(key) and key != "kd":
+            hit = hit | runs["_kind"].eq("baseline")
+        keep &= hit
+    return runs[keep]
+
+
+def metric_values(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric of each run as a float (NaN where the run has none)."""
+    return pd.to_numeric(runs["_metrics"].map(lambda m: m.get(metric)), errors="coerce").astype(float)
+
+
+def available_metrics(runs: pd.DataFrame) -> list[str]:
+    """Numeric metrics that finished runs recorded."""
+    names: set[str] = set()
+    for metrics in runs.loc[runs["_status"].eq("finished"), "_metrics"]:
+        names.update(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return sorted(names)
+
+
+def check_metric(runs: pd.DataFrame, metric: str) -> None:
+    """Refuse a metric no finished run recorded, listing the ones that exist."""
+    available = available_metrics(runs)
+    if metric in available:
+        return
+    close = difflib.get_close_matches(metric, available, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    listing = ", ".join(available) if available else "none (no run finished)"
+    raise ReportError(f"metric '{metric}' is not in any finished run's record.{hint} Available: {listing}.")
