@@ -128,3 +128,53 @@ def test_a_parallel_sweep_run_equals_the_same_run_alone(smoke, tmp_path):
     alone = load_record(tmp_path / "alone")
     keys = ("test/acc", "test/acc_last", "train/loss", "val/acc_best", "test/agreement")
     assert {k: alone["metrics"][k] for k in keys} == {k: in_sweep["metrics"][k] for k in keys}
+
+
+def test_report_of_a_real_sweep_matches_its_records(smoke, tmp_path):
+    """Sweep → report through the CLI; every number checked against the records themselves."""
+    import numpy as np
+    import pandas as pd
+
+    base, _ = smoke
+    baseline = sweep_cli([str(ROOT / "sweeps" / "smoke_baseline.yaml"), *FAST, "--dir", str(base / "ce")],
+                         base / "cache")
+    assert baseline.returncode == 0, baseline.stderr[-2000:]
+    out = tmp_path / "out"
+    proc = run_cli(["report", str(base / "smoke"), str(base / "ce"), "--latex", str(out / "t.tex"),
+                    "--csv", str(out / "cells.csv"), "--plots", str(out / "plots")], base / "cache",
+                   module="kdexp.cli")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # Independent computation from the run records.
+    rows = []
+    for folder in ("smoke", "ce"):
+        for r in records_in(base / folder):
+            kd = r["config"]["kd"]
+            rows.append({"width": r["config"]["student"]["width"], "T": kd.get("temperature"),
+                         "alpha": kd.get("alpha"), "acc": r["metrics"]["test/acc"], "job": r["job_type"]})
+    runs = pd.DataFrame(rows)
+    cells = pd.read_csv(out / "cells.csv")
+    distill = cells[cells["row_type"] == "distill"]
+    assert len(distill) == 8 and (distill["n"] == 2).all()
+    for _, cell in distill.iterrows():
+        accs = runs[(runs.job == "distill") & (runs.width == cell["student.width"]) & (runs["T"] == cell["kd.temperature"])
+                    & (runs.alpha == cell["kd.alpha"])]["acc"].to_numpy()
+        assert cell["mean"] == pytest.approx(np.mean(accs), abs=1e-12)
+        assert cell["std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-12)
+        assert f"{100 * np.mean(accs):.2f} ± {100 * np.std(accs, ddof=1):.2f} (n=2)" in proc.stdout
+    ce = cells[cells["row_type"] == "baseline"]
+    for _, cell in ce.iterrows():
+        accs = runs[(runs.job == "baseline") & (runs.width == cell["student.width"])]["acc"].to_numpy()
+        assert cell["mean"] == pytest.approx(np.mean(accs), abs=1e-12) and cell["n"] == 2
+    assert len(ce) == 2 and "CE only" in proc.stdout and "teacher" in proc.stdout
+
+    latex = (out / "t.tex").read_text()
+    assert "\\begin{tabular}" in latex and "\\end{tabular}" in latex and "\\toprule" in latex
+    first = distill.iloc[0]
+    assert f"{100 * first['mean']:.2f}" in latex
+    pngs = sorted((out / "plots").rglob("*.png"))
+    assert len(pngs) == 3  # a T × α heatmap per width, accuracy vs width
+    import matplotlib.image
+
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).ndim == 3
