@@ -84,6 +84,8 @@ def grid(spec: SweepSpec, overrides: list[str] | None = None) -> list[GridPoint]
     """Every run of the sweep (the cartesian product of its axes), as W&B's grid search expands it."""
     axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
     axes.update(parse_overrides(overrides or []))
+    # hydra.* settings (launcher, partition) shape how runs are executed, not which runs exist.
+    axes = {k: vs for k, vs in axes.items() if not k.lstrip("+~").startswith(("hydra.", "hydra/"))}
     keys = list(axes)
     return [tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*axes.values())]
 

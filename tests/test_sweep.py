@@ -178,3 +178,9 @@ def test_report_of_a_real_sweep_matches_its_records(smoke, tmp_path):
 
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).ndim == 3
+
+
+def test_hydra_settings_on_the_command_line_do_not_change_the_grid():
+    spec = load_sweep(SMOKE)
+    assert grid(spec, ["hydra.launcher.partition=gpu"]) == grid(spec)
+    assert len(grid(spec, ["seed=1", "student.width=16,32,64"])) == 2 * 2 * 3
