@@ -553,3 +553,24 @@ def test_no_records_is_an_error(tmp_path, capsys):
 def test_help(capsys):
     code, out, _ = run_report(["--help"], capsys)
     assert code == 0 and out.startswith("usage: kdexp report") and "--paired" in out and "wandb:ENTITY/PROJECT" in out
+
+
+def test_width_plot_picks_the_kd_setting_on_validation_not_test(tmp_path):
+    """(T=4, α=0.5) has the better test accuracy, (T=8, α=0.9) the better validation accuracy."""
+    from kdexp.report.plots import kd_setting_per_width
+    from kdexp.report.runs import axis_values, metric_values, runs_frame
+
+    records = []
+    for temperature, alpha, test, val in ((4.0, 0.5, 0.70, 0.60), (8.0, 0.9, 0.65, 0.66)):
+        for seed in SEEDS:
+            record = make_record(tmp_path / f"{temperature}-{alpha}-{seed}", width=128, seed=seed,
+                                 temperature=temperature, alpha=alpha, acc=test)
+            record["metrics"]["val/acc_best"] = val
+            records.append(record)
+    runs = runs_frame(records)
+    runs = runs.assign(_w=axis_values(runs, "student.width"), _t=axis_values(runs, "kd.temperature"),
+                       _a=axis_values(runs, "kd.alpha"), _value=metric_values(runs, "test/acc"))
+    chosen = kd_setting_per_width(runs)
+    assert len(chosen) == 1
+    assert (float(chosen["_t"].iloc[0]), float(chosen["_a"].iloc[0])) == (8.0, 0.9)
+    assert chosen["mean"].iloc[0] == pytest.approx(0.65)

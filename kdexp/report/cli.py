@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(fractions for accuracies) ('-' = stdout)")
     out.add_argument("--plots", metavar="DIR", help="write PNG figures: T × α heatmap per width and metric vs width")
     out.add_argument("--kd-at", metavar="temperature=T,alpha=A",
-                     help="the KD setting the width plot shows (default: the best (T, α) of each width)")
+                     help="the KD setting the width plot shows (default: per width, the (T, α) with the best val/acc_best)")
     out.add_argument("--no-wandb", action="store_true",
                      help="do not log the plots and table to W&B even when online")
     wb = parser.add_argument_group("W&B sources")

@@ -17,9 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kdexp.report.formats import METRIC_TITLES, scale_of
-from kdexp.report.runs import axis_values
+from kdexp.report.runs import axis_values, metric_values
 from kdexp.report.table import Table
 from kdexp.report.values import format_value, matches
+
+SELECT_ON = "val/acc_best"  # what picks the KD setting shown per width (never a test metric)
 
 WIDTH, TEMPERATURE, ALPHA = "student.width", "kd.temperature", "kd.alpha"
 
@@ -104,6 +106,25 @@ def _heatmaps(table: Table, runs: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
+def _cells(kd: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std of the plotted metric, and mean ``SELECT_ON``, per (width, T, α)."""
+    kd = kd.assign(_select=metric_values(kd, SELECT_ON))
+    return (kd.groupby(["_w", "_t", "_a"], dropna=False)
+            .agg(mean=("_value", "mean"), std=("_value", "std"), select=("_select", "mean"))
+            .reset_index().dropna(subset=["_w"]))
+
+
+def kd_setting_per_width(kd: pd.DataFrame) -> pd.DataFrame:
+    """Per width, the (T, α) cell with the best mean ``SELECT_ON`` (validation accuracy).
+
+    Choosing it on the plotted test metric would let the test set select the result it
+    reports; ``kd`` holds KD runs with ``_w``/``_t``/``_a`` axis columns and ``_value``.
+    """
+    cells = _cells(kd)
+    pick = cells.groupby("_w")["select"].transform("max").eq(cells["select"])
+    return cells[pick].drop_duplicates("_w").sort_values("_w")
+
+
 def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
                 kd_at: Mapping[str, str]) -> tuple[Path | None, str | None]:
     factor, dp, unit = scale_of(table.metric)
@@ -113,11 +134,8 @@ def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
             kd = kd[axis_values(kd, key).map(lambda v, w=wanted: matches(v, w))]
         label = "KD at " + ", ".join(f"{k.removeprefix('kd.')}={v}" for k, v in kd_at.items())
     else:
-        label = "KD, best (T, α) per width"
-    cells = (kd.groupby(["_w", "_t", "_a"], dropna=False).agg(mean=("_value", "mean"), std=("_value", "std"))
-             .reset_index().dropna(subset=["_w"]))
-    pick = cells.groupby("_w")["mean"].transform("max" if table.better == "max" else "min").eq(cells["mean"])
-    best = cells[pick].drop_duplicates("_w").sort_values("_w")
+        label = f"KD, (T, α) with the best {SELECT_ON} per width"
+    best = kd_setting_per_width(kd) if not kd_at else _cells(kd).drop_duplicates("_w").sort_values("_w")
     ce = (runs[runs["_kind"].eq("baseline")].groupby("_w").agg(mean=("_value", "mean"), std=("_value", "std"))
           .reset_index().sort_values("_w"))
     if best.empty and ce.empty:
