@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 PLUGINS = Path(__file__).parent / "plugins"
+sys.path.insert(0, str(PLUGINS))  # the users' own objectives, importable as in their projects
 
 
 @pytest.fixture(autouse=True)

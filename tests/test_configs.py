@@ -140,3 +140,12 @@ def test_invalid_override_is_explained(tmp_path):
     cfg = compose_config(["kd.alpha=2"], tmp_path)
     with pytest.raises(ConfigError, match=r"kd.alpha must lie in \[0, 1\], got 2"):
         instantiate(cfg.kd)
+
+
+def test_the_readme_plug_in_objective_composes_and_trains_one_batch(tmp_path):
+    overrides = ["kd._target_=kdexp_test_plugins.MSELogits", "~kd.temperature", "~kd.alpha", "+kd.weight=0.5"]
+    cfg = compose_config([*overrides, "experiment=digits_smoke", *ONE_BATCH], tmp_path)
+    objective = instantiate(cfg.kd)
+    assert type(objective).__name__ == "MSELogits" and objective.weight == 0.5
+    record = run(cfg)
+    assert record["status"] == "finished" and "train/loss_kd" in record["metrics"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kdexp.objectives import HintonKD, ModelOutputs
+from kdexp.objectives import DistillationObjective, HintonKD, ModelOutputs
 
 
 class ExplodingKD(HintonKD):
@@ -21,3 +21,17 @@ class ExplodingKD(HintonKD):
         if self.calls > self.explode_after:
             terms["loss_kd"] = terms["loss_kd"] * float("nan")
         return terms
+
+
+class MSELogits(DistillationObjective):
+    """Logit matching (Ba & Caruana, 2014): the README's example of a plug-in objective."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+        import torch.nn.functional as F
+
+        return {"loss_ce": F.cross_entropy(student.logits, targets),
+                "loss_kd": self.weight * F.mse_loss(student.logits, teacher.logits)}
