@@ -26,8 +26,10 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 Batch = tuple[Tensor, Tensor, Tensor]  # x, y, index into the split
 
-# The frozen teacher is in eval mode at the start of training by design.
+# The frozen teacher is in eval mode at the start of training by design, and losses are
+# logged per epoch on purpose (no per-step logging cost), so these warnings are noise.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 class EvalMetrics(nn.Module):
