@@ -236,13 +236,18 @@ def test_failed_runs_are_counted_and_never_averaged(sweep, capsys):
     assert f"student.width={width}, kd.temperature={label(temperature)}, kd.alpha={alpha}" in note
 
 
-def test_delta_is_kd_minus_ce_of_the_same_width(sweep, capsys, tmp_path):
+def kd_cells_with(sweep, flag: str, capsys, tmp_path) -> tuple[dict, pd.DataFrame]:
+    """Run the report with ``flag`` and a CSV: (markdown rows, the KD cells of the CSV)."""
     csv = tmp_path / "cells.csv"
-    code, out, _ = run_report([sweep, "--delta", "--csv", csv], capsys)
+    code, out, _ = run_report([sweep, flag, "--csv", csv], capsys)
     assert code == 0
     _, rows = md_rows(out)
     frame = pd.read_csv(csv)
-    kd = frame[frame["row_type"].eq("distill")].dropna(subset=["mean"])
+    return rows, frame[frame["row_type"].eq("distill")].dropna(subset=["mean"])
+
+
+def test_delta_is_kd_minus_ce_of_the_same_width(sweep, capsys, tmp_path):
+    rows, kd = kd_cells_with(sweep, "--delta", capsys, tmp_path)
     for _, cell in kd.iterrows():
         width = int(cell["student.width"])
         values, base = kd_values(width, cell["kd.temperature"], cell["kd.alpha"]), ce_values(width)
@@ -256,12 +261,7 @@ def test_delta_is_kd_minus_ce_of_the_same_width(sweep, capsys, tmp_path):
 
 
 def test_paired_gain_matches_scipy_ttest_rel(sweep, capsys, tmp_path):
-    csv = tmp_path / "cells.csv"
-    code, out, _ = run_report([sweep, "--paired", "--csv", csv], capsys)
-    assert code == 0
-    _, rows = md_rows(out)
-    frame = pd.read_csv(csv)
-    kd = frame[frame["row_type"].eq("distill")].dropna(subset=["mean"])
+    rows, kd = kd_cells_with(sweep, "--paired", capsys, tmp_path)
     assert len(kd) == 7
     for _, cell in kd.iterrows():
         width = int(cell["student.width"])
