@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
@@ -46,12 +47,10 @@ def evaluate_accuracy(model: nn.Module, batches: IndexBatches) -> float:
 
 def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_epochs: int | None = None) -> pl.Trainer:
     """The configured Trainer, with checkpoints under ``output_dir/checkpoints``."""
-    callbacks = [
-        instantiate(node, dirpath=str(output_dir / "checkpoints")) if "ModelCheckpoint" in node.get("_target_", "")
-        else instantiate(node)
-        for node in (cfg.get("callbacks") or {}).values()
-        if node is not None
-    ]
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(output_dir / "checkpoints")  # beside the run's record, not lightning_logs/
     overrides: dict[str, Any] = {"default_root_dir": str(output_dir)}
     if max_epochs is not None:
         overrides["max_epochs"] = max_epochs
