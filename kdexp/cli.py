@@ -59,8 +59,8 @@ def sweep_main(argv: list[str]) -> int:
               f"On every machine that should join (in a checkout with `make setup` done):\n"
               f"  .venv/bin/wandb agent {path}")
         return 0
-    return sweep.run_local(spec, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
-                           launcher=None if args.launcher == "local" else args.launcher)
+    return sweep.run_local(spec, points, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
+                           launcher=args.launcher)
 
 
 def main(argv: list[str] | None = None) -> int:

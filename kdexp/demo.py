@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from kdexp.records import read_record
+from kdexp.records import RECORD_NAME
+from kdexp.sweep import collect
 
 
 def _pct(value: float | None) -> str:
@@ -37,9 +38,9 @@ def summarize(records: dict[str, dict], sweep_dir: Path) -> str:
         f"  {'teacher (' + str(ref['choices'].get('teacher')) + ', ' + str(teacher.get('source')) + ')':34s}"
         f"{_pct(teacher.get('test_acc')):>10s}  {'':>24s}",
     ]
-    for label, rec in ((f"student, Hinton KD (T={cfg['kd'].get('temperature', '?') if kd else '?'}, "
-                        f"α={kd['config']['kd'].get('alpha') if kd else '?'})", kd),
-                       ("student, CE only (kd=none)", ce)):
+    kd_cfg = kd["config"]["kd"] if kd else {}
+    kd_label = f"student, Hinton KD (T={kd_cfg.get('temperature', '?')}, α={kd_cfg.get('alpha', '?')})"
+    for label, rec in ((kd_label, kd), ("student, CE only (kd=none)", ce)):
         if rec is None:
             continue
         m = rec.get("metrics", {})
@@ -50,13 +51,13 @@ def summarize(records: dict[str, dict], sweep_dir: Path) -> str:
         lines += ["", f"  KD gain: {gain:+.2f} points at one seed (seed noise on MNIST-1D is 1–2 points;"
                       " sweep over seeds before claiming it)."]
     lines += ["", "  test acc is measured at the best-validation checkpoint.", "",
-              f"  runs         {sweep_dir}/<job>/run_record.json"]
+              f"  runs         {sweep_dir}/<job>/{RECORD_NAME}"]
     for key, rec in (("KD", kd), ("CE", ce)):
         if rec and rec.get("checkpoints", {}).get("best"):
             lines.append(f"  checkpoint   {rec['checkpoints']['best']}  ({key})")
     if teacher.get("path"):
         lines.append(f"  teacher      {teacher['path']}  (cached; reused by later runs)")
-    wandb = (kd or ce or {}).get("wandb") or {}
+    wandb = ref.get("wandb") or {}
     if wandb.get("mode") == "offline":
         lines.append(f"  W&B          offline runs under {sweep_dir}/*/wandb/ — upload with: wandb sync {sweep_dir}/*/wandb/offline-run-*")
     elif wandb.get("url"):
@@ -72,11 +73,7 @@ def main(extra_overrides: list[str] | None = None) -> int:
     print("kdexp demo:", " ".join(command[1:]), flush=True)
     started = time.time()
     result = subprocess.run(command)
-    records = {}
-    for job in sorted(p for p in sweep_dir.glob("*") if p.is_dir()):
-        record = read_record(job)
-        if record is not None:
-            records[record["choices"].get("kd")] = record
+    records = {record["choices"].get("kd"): record for _, record in collect(sweep_dir).values()}
     print(summarize(records, sweep_dir))
     print(f"  wall time    {time.time() - started:.0f} s")
     failed = [k for k, r in records.items() if r.get("status") != "finished"]

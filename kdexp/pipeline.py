@@ -7,6 +7,8 @@ read top to bottom and reused (e.g. to train a teacher inside a student run).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,15 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from torch import nn
 
-from kdexp.config import instantiate
-from kdexp.config import to_plain
+from kdexp.config import instantiate, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import ConfigError, RunExistsError
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
-from kdexp.records import RunRecorder, read_record
+from kdexp.records import RECORD_NAME, RunRecorder, read_record
 from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
-from kdexp.tracking import finish_wandb, wandb_run_info
+from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,31 @@ def apply_num_threads(num_threads: int | None) -> None:
     torch.set_num_threads(int(num_threads))
 
 
+@contextmanager
+def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
+    """Close the run's record and its W&B run however the block ends.
+
+    A clean exit marks both finished; an exception (KeyboardInterrupt included)
+    marks them failed, keeps the error in the record, and propagates.
+    """
+    try:
+        yield recorder
+    except BaseException as err:
+        recorder.finish("failed", err)
+        finish_wandb(exit_code=1)
+        raise
+    finish_wandb()
+    recorder.finish("finished")
+
+
 # -- the teacher -------------------------------------------------------------------
-def get_teacher(cfg: DictConfig) -> Teacher:
-    """Load ``teacher.checkpoint`` or train-once-and-cache (see :mod:`kdexp.teacher`)."""
+def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
+    """Load ``teacher.checkpoint`` or train-once-and-cache (see :mod:`kdexp.teacher`).
+
+    ``test_data`` (the run's data) measures a loaded checkpoint's test accuracy.
+    """
     tcfg = cfg.teacher
     num_classes = int(cfg.data.num_classes)
-    test_data: InMemoryDataModule = instantiate(cfg.data)
 
     def build_model() -> nn.Module:
         pl.seed_everything(int(tcfg.seed), verbose=False)
@@ -131,24 +151,18 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     tcfg = cfg.teacher
     recorder = RunRecorder(folder, {"job_type": "teacher", "config": to_plain(cfg.teacher), "data": to_plain(cfg.data),
                                     "choices": choices(cfg)})
-    try:
+    with recorded(recorder):
         datamodule: InMemoryDataModule = instantiate(cfg.data, shuffle_seed=int(tcfg.seed))
-        datamodule.setup()
+        fingerprint = datamodule.fingerprint()
         module = SupervisedModule(model, optimizer=instantiate(tcfg.optimizer), num_classes=int(cfg.data.num_classes))
         run_name = f"teacher-{choice(cfg, 'teacher')}{tcfg.model.get('width', '')}-{folder.name[:8]}"
-        config = {"teacher": to_plain(tcfg), "data": to_plain(cfg.data), "data_fingerprint": datamodule.fingerprint()}
+        config = {"teacher": to_plain(tcfg), "data": to_plain(cfg.data), "data_fingerprint": fingerprint}
         logger = build_logger(cfg, folder, run_name, "teacher", config)
         trainer = build_trainer(cfg, folder, logger, max_epochs=int(tcfg.max_epochs))
         metrics = fit_and_test(trainer, module, datamodule)  # leaves the best-val weights in `model`
-        recorder.update(metrics=metrics, data_fingerprint=datamodule.fingerprint(), parameters=count_parameters(model))
-        recorder.finish("finished")
-        log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics["test/acc"], metrics.get("val/acc_best", float("nan")))
-        return float(metrics["test/acc"])
-    except BaseException as err:
-        recorder.finish("failed", err)
-        raise
-    finally:
-        finish_wandb()
+        recorder.update(metrics=metrics, data_fingerprint=fingerprint, parameters=count_parameters(model))
+    log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics["test/acc"], metrics.get("val/acc_best", float("nan")))
+    return float(metrics["test/acc"])
 
 
 # -- a student run -----------------------------------------------------------------
@@ -173,7 +187,7 @@ def check_output_dir(output_dir: Path, if_finished: str) -> dict[str, Any] | Non
         archive_run(output_dir, previous)
         return None
     raise RunExistsError(
-        f"{output_dir} already holds a finished run (record {output_dir / 'run_record.json'}); it is never "
+        f"{output_dir} already holds a finished run (record {output_dir / RECORD_NAME}); it is never "
         "overwritten. Choose another hydra.run.dir, delete that folder, or pass if_finished=skip "
         "(keep it) or if_finished=rerun (archive it and run again)."
     )
@@ -206,7 +220,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     recorder.update(data_fingerprint=fingerprint)
 
     objective = instantiate(cfg.kd)  # validates T and alpha before any teacher training
-    teacher = get_teacher(cfg)
+    teacher = get_teacher(cfg, datamodule)
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
                              "path": teacher.path, "cache_key": teacher.cache_key})
 
@@ -214,11 +228,12 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     student = instantiate(cfg.student)
     job_type = "distill" if objective.needs_teacher else "baseline"
     run_name = run_name_for(cfg, job_type, objective.describe())
-    recorder.update(job_type=job_type, run_name=run_name, parameters=count_parameters(student))
+    parameters = count_parameters(student)
+    recorder.update(job_type=job_type, run_name=run_name, parameters=parameters)
 
-    wandb_config = {**to_plain(cfg), "job_type": job_type, "teacher_hash": teacher.weights_hash,
-                    "teacher_test_acc": teacher.test_acc, "data_fingerprint": fingerprint,
-                    "student_parameters": count_parameters(student), "output_dir": str(output_dir)}
+    wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
+                                    teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
+                                    student_parameters=parameters, output_dir=str(output_dir))
     logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config)
     recorder.update(wandb=wandb_run_info(logger))
     if logger is not None:

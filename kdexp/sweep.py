@@ -32,7 +32,6 @@ class SweepSpec:
     """A parsed sweep file."""
 
     name: str
-    path: Path
     raw: dict[str, Any]
     axes: dict[str, list[Any]] = field(default_factory=dict)  # key → values, in file order
 
@@ -66,7 +65,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: parameter '{key}': 'values' must be a non-empty list.")
         axes[str(key)] = values
-    return SweepSpec(name=str(raw.get("name") or path.stem), path=path, raw=raw, axes=axes)
+    return SweepSpec(name=str(raw.get("name") or path.stem), raw=raw, axes=axes)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -80,30 +79,46 @@ def parse_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return parsed
 
 
-def grid(spec: SweepSpec, overrides: list[str] | None = None) -> list[GridPoint]:
-    """Every run of the sweep (the cartesian product of its axes), as W&B's grid search expands it."""
+def sweep_axes(spec: SweepSpec, overrides: list[str] | None = None) -> dict[str, list[str]]:
+    """The sweep's axes as Hydra override values, with command-line overrides replacing the file's."""
     axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
     axes.update(parse_overrides(overrides or []))
+    return axes
+
+
+def grid(spec: SweepSpec, overrides: list[str] | None = None) -> list[GridPoint]:
+    """Every run of the sweep (the cartesian product of its axes), as W&B's grid search expands it."""
     # hydra.* settings (launcher, partition) shape how runs are executed, not which runs exist.
-    axes = {k: vs for k, vs in axes.items() if not k.lstrip("+~").startswith(("hydra.", "hydra/"))}
+    axes = {k: vs for k, vs in sweep_axes(spec, overrides).items()
+            if not k.lstrip("+~").startswith(("hydra.", "hydra/"))}
     keys = list(axes)
     return [tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*axes.values())]
 
 
-def multirun_command(spec: SweepSpec, sweep_dir: Path, overrides: list[str], jobs: int, launcher: str | None) -> list[str]:
+# --launcher / --jobs → the Hydra launcher plugin they need, and how to install it.
+_LAUNCHER_PLUGINS = {
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "--launcher slurm needs hydra-submitit-launcher"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "--jobs N needs hydra-joblib-launcher"),
+}
+
+
+def _require_launcher_plugin(launcher: str) -> None:
+    module, message = _LAUNCHER_PLUGINS[launcher]
+    if importlib.util.find_spec(module) is None:
+        raise KdexpError(f"{message}: pip install -e '.[launchers]'.")
+
+
+def multirun_command(spec: SweepSpec, sweep_dir: Path, overrides: list[str], jobs: int,
+                     launcher: str = "local") -> list[str]:
     """The ``python -m kdexp.train --multirun`` command that runs the whole grid."""
-    axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
-    axes.update(parse_overrides(overrides))
     command = [sys.executable, "-m", "kdexp.train", "--multirun"]
-    command += [f"{k}={','.join(vs)}" for k, vs in axes.items()]
+    command += [f"{k}={','.join(vs)}" for k, vs in sweep_axes(spec, overrides).items()]
     command.append(f"hydra.sweep.dir={sweep_dir}")
     if launcher == "slurm":
-        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-            raise KdexpError("--launcher slurm needs hydra-submitit-launcher: pip install -e '.[launchers]'.")
+        _require_launcher_plugin("slurm")
         command.append("hydra/launcher=slurm")
     elif jobs > 1:
-        if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
-            raise KdexpError("--jobs N needs hydra-joblib-launcher: pip install -e '.[launchers]'.")
+        _require_launcher_plugin("joblib")
         command += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     return command
 
@@ -130,23 +145,31 @@ def collect(sweep_dir: Path) -> dict[GridPoint, tuple[Path, dict[str, Any]]]:
     return found
 
 
-def summarize(points: list[GridPoint], sweep_dir: Path, started: float | None) -> tuple[str, dict[str, int]]:
-    """Finished / skipped / failed / missing counts for ``points``, and failures with their errors."""
+def finished_points(sweep_dir: Path) -> set[GridPoint]:
+    """The grid points whose record under ``sweep_dir`` says finished."""
+    return {point for point, (_, record) in collect(sweep_dir).items() if record.get("status") == "finished"}
+
+
+def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint]) -> tuple[str, dict[str, int]]:
+    """Finished / skipped / failed / missing counts for ``points``, and failures with their errors.
+
+    ``skipped``: the points that were already finished before the sweep ran and were not rerun.
+    """
     records = collect(sweep_dir)
     counts = {"finished": 0, "skipped": 0, "failed": 0, "missing": 0}
     failures = []
     for point in points:
-        folder, record = records.get(point, (None, None))
-        status = (record or {}).get("status")
-        if record is None or status not in ("finished", "failed"):
-            counts["missing"] += 1
-            failures.append(f"  missing   {' '.join(point)}")
-        elif status == "failed":
+        folder, record = records.get(point, (None, {}))
+        status = record.get("status")
+        if status == "failed":
             counts["failed"] += 1
             error = record.get("error", {})
             failures.append(f"  failed    {' '.join(point)}\n            {error.get('type')}: "
                             f"{str(error.get('message', ''))[:300]}  ({folder})")
-        elif started is not None and _finished_before(record, started):
+        elif status != "finished":
+            counts["missing"] += 1
+            failures.append(f"  missing   {' '.join(point)}")
+        elif point in skipped:
             counts["skipped"] += 1
         else:
             counts["finished"] += 1
@@ -155,35 +178,26 @@ def summarize(points: list[GridPoint], sweep_dir: Path, started: float | None) -
     return "\n".join([head, *failures]), counts
 
 
-def _finished_before(record: dict[str, Any], started: float) -> bool:
-    try:
-        return time.mktime(time.strptime(record["finished_at"][:19], "%Y-%m-%dT%H:%M:%S")) < started - 1
-    except (KeyError, ValueError):
-        return False
-
-
 def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool) -> str:
     """One line per run: what a real invocation would do with it."""
-    records = collect(sweep_dir)
+    finished = finished_points(sweep_dir)
     lines = []
     for i, point in enumerate(points):
-        status = records.get(point, (None, {}))[1].get("status")
-        action = "skip (finished)" if status == "finished" and not force else (
-            "rerun (archive finished)" if status == "finished" else "run")
+        action = "run" if point not in finished else "rerun (archive finished)" if force else "skip (finished)"
         lines.append(f"{i:4d}  {action:24s} {' '.join(point)}")
     return "\n".join(lines + [f"{len(points)} runs in {sweep_dir}"])
 
 
-def run_local(spec: SweepSpec, overrides: list[str], sweep_dir: Path, jobs: int = 1, force: bool = False,
-              launcher: str | None = None) -> int:
-    """Run the grid as one Hydra multirun; returns 0 when every run finished."""
-    points = grid(spec, overrides)
+def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sweep_dir: Path, jobs: int = 1,
+              force: bool = False, launcher: str = "local") -> int:
+    """Run the grid (``points``, from :func:`grid`) as one Hydra multirun; returns 0 when every run finished."""
     command = multirun_command(spec, sweep_dir, overrides, jobs, launcher)
     print(f"kdexp sweep {spec.name}: {len(points)} runs, {jobs} worker(s) → {sweep_dir}", flush=True)
     print("  " + " ".join(command[1:]), flush=True)
+    skipped = set() if force else finished_points(sweep_dir)
     started = time.time()
     proc = subprocess.run(command, env=worker_env(jobs, "rerun" if force else "skip"))
-    text, counts = summarize(points, sweep_dir, started)
+    text, counts = summarize(points, sweep_dir, skipped)
     print(f"\n{text}\n  wall time {time.time() - started:.0f} s", flush=True)
     if proc.returncode != 0:
         print(f"  the multirun itself exited with code {proc.returncode}", flush=True)

@@ -85,8 +85,8 @@ def _extract_state_dict(blob: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -> nn.Module:
-    """Load ``path`` into ``model`` or explain why it does not fit."""
+def read_checkpoint(path: str | Path) -> Any:
+    """The unpickled contents of a teacher checkpoint, or a clear error when there is none."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -94,9 +94,13 @@ def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -
             "teacher.checkpoint=null to train the teacher once and cache it."
         )
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"cannot read teacher checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes: int) -> nn.Module:
+    """Load the weights in ``blob`` (read from ``path``) into ``model`` or explain why they do not fit."""
     try:
         state = _extract_state_dict(blob)
     except CheckpointError as err:
@@ -116,6 +120,11 @@ def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -
             f"{' '.join(first)}. Check teacher=<arch> and teacher.model.width against the checkpoint."
         ) from err
     return model
+
+
+def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -> nn.Module:
+    """Load ``path`` into ``model`` or explain why it does not fit."""
+    return apply_checkpoint(model, read_checkpoint(path), path, num_classes)
 
 
 def provision_teacher(
@@ -142,8 +151,9 @@ def provision_teacher(
     lock = FileLock(str(folder / ".lock"))
     with lock:  # exactly one process trains; the others wait here, then load
         if path.is_file():
-            model = load_teacher_weights(build_model(), path, num_classes)
-            meta = torch.load(path, map_location="cpu", weights_only=False)["kdexp_meta"]
+            blob = read_checkpoint(path)
+            model = apply_checkpoint(build_model(), blob, path, num_classes)
+            meta = blob["kdexp_meta"]
             log.info("Reusing cached teacher %s (test acc %.4f)", path, meta["test_acc"])
             return Teacher(model.eval(), meta["weights_hash"], meta["test_acc"], "cache", str(path), cache_key)
         log.info("No cached teacher under %s: training it now (once for all runs that share it)", folder)

@@ -21,6 +21,18 @@ if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
+# What a student run adds to its W&B config beside the resolved Hydra config. The
+# report's W&B source pops exactly these back out to rebuild a run record.
+RUN_CONFIG_EXTRAS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "student_parameters",
+                     "output_dir")
+
+
+def wandb_run_config(config: dict[str, Any], **extras: Any) -> dict[str, Any]:
+    """``config`` plus the :data:`RUN_CONFIG_EXTRAS` a student run logs to W&B."""
+    unknown = set(extras) - set(RUN_CONFIG_EXTRAS)
+    if unknown:
+        raise ValueError(f"not in RUN_CONFIG_EXTRAS (add them there, so reports read them back): {sorted(unknown)}")
+    return {**config, **extras}
 
 
 def has_wandb_credentials() -> bool:

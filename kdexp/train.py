@@ -19,9 +19,8 @@ from omegaconf import DictConfig
 
 import kdexp  # noqa: F401  (registers the config resolvers)
 from kdexp.errors import KdexpError
-from kdexp.pipeline import base_record, check_output_dir, run_experiment, with_runtime
-from kdexp.records import RunRecorder
-from kdexp.tracking import finish_wandb
+from kdexp.pipeline import base_record, check_output_dir, recorded, run_experiment, with_runtime
+from kdexp.records import RECORD_NAME, RunRecorder
 
 log = logging.getLogger("kdexp")
 # An absolute path, so the console scripts find conf/ from any working directory.
@@ -43,21 +42,15 @@ def run(cfg: DictConfig) -> dict:
     if previous is not None:
         log.info("Skipping %s: it already holds a finished run.", output_dir)
         return previous
-    recorder = RunRecorder(output_dir, base_record(cfg))
-    try:
-        record = run_experiment(cfg, recorder)
-    except BaseException as err:
-        recorder.finish("failed", err)
-        finish_wandb(exit_code=1)
-        raise
-    finish_wandb()
-    record = recorder.finish("finished")
+    with recorded(RunRecorder(output_dir, base_record(cfg))) as recorder:
+        run_experiment(cfg, recorder)
+    record = recorder.record
     metrics = record["metrics"]
     log.info(
         "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s",
         record["run_name"], metrics["test/acc"], metrics["test/acc_last"], metrics["teacher/test_acc"],
         f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
-        output_dir / "run_record.json",
+        output_dir / RECORD_NAME,
     )
     return record
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+
+from kdexp.records import RECORD_NAME, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -29,12 +30,6 @@ def offline_wandb(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("KDEXP_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """A cache folder shared by the tests of a session, so a teacher is trained once."""
-    return tmp_path_factory.mktemp("shared-cache")
 
 
 def compose_config(overrides: list[str], tmp_path: Path, keep_hydra: bool = False) -> DictConfig:
@@ -54,18 +49,31 @@ def compose_config(overrides: list[str], tmp_path: Path, keep_hydra: bool = Fals
     return cfg
 
 
-def run_cli(args: list[str], cache: Path, *, module: str = "kdexp.train", timeout: int = 600,
+def run_cli(args: list[str], cache: Path, *, module: str = "kdexp.train", cwd: Path = ROOT, timeout: int = 600,
             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m kdexp.train ARGS`` (or another module) as a user would."""
+    """Run ``python -m kdexp.train ARGS`` (or another module) as a user would, W&B offline.
+
+    The environment is set here, not only by ``offline_wandb``: module-scoped
+    fixtures call this before any function-scoped fixture has run.
+    """
     env = dict(os.environ)
-    env.update({"KDEXP_CACHE_DIR": str(cache), "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}"})
+    env.update({"KDEXP_CACHE_DIR": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}"})
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def load_record(folder: Path) -> dict:
-    return json.loads((Path(folder) / "run_record.json").read_text())
+    """The run record in ``folder``; fails the test when there is none."""
+    record = read_record(folder)
+    assert record is not None, f"no readable {RECORD_NAME} in {folder}"
+    return record
+
+
+def records_in(folder: Path) -> list[dict]:
+    """The records of every run folder directly under ``folder`` (a sweep or multirun)."""
+    return [load_record(p.parent) for p in sorted(folder.glob(f"*/{RECORD_NAME}"))]
 
 
 # Small, fast settings on scikit-learn digits used by the CLI tests.

@@ -19,12 +19,10 @@ def runs(tmp_path_factory):
     """Three real runs sharing one teacher cache: A trains the teacher, B and C reuse it."""
     base = tmp_path_factory.mktemp("cli")
     cache = base / "cache"
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(base)}
-    os.environ.update(env)
     results = {}
     for name, extra in (("A", ["seed=1"]), ("B", ["seed=2"]), ("C", ["seed=1", "logger=csv"])):
         folder = base / name
-        proc = run_cli([*DIGITS_FAST, *extra, f"hydra.run.dir={folder}"], cache)
+        proc = run_cli([*DIGITS_FAST, *extra, f"hydra.run.dir={folder}"], cache, extra_env={"WANDB_DIR": str(base)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = (folder, proc)
     return base, cache, results

@@ -13,14 +13,9 @@ from kdexp.config import instantiate
 from kdexp.errors import ConfigError
 from kdexp.train import run
 
-# Overrides that make an option compose with compatible neighbours (e.g. image data → image teacher).
-COMPATIBLE = {
-    ("data", "mnist1d"): [],
-    ("teacher", "cnn1d"): [],
-    ("student", "cnn1d"): [],
-    ("student", "mlp"): [],
-}
-IMAGE_SETUP = ["teacher=cnn2d"]
+# Options that compose with the MNIST-1D defaults as they are; every other data, teacher
+# or student option is an image option and needs image neighbours (see setup_for).
+FITS_MNIST1D = {("data", "mnist1d"), ("teacher", "cnn1d"), ("student", "cnn1d"), ("student", "mlp")}
 
 
 def options(group: str) -> list[str]:
@@ -28,11 +23,10 @@ def options(group: str) -> list[str]:
 
 
 def setup_for(group: str, option: str) -> list[str]:
-    if (group, option) in COMPATIBLE:
-        return COMPATIBLE[(group, option)]
-    if group in ("data", "teacher", "student"):
-        return ["data=digits", "teacher=cnn2d"] if group != "data" else IMAGE_SETUP
-    return []
+    """Overrides for ``group`` (data, teacher or student) = ``option`` to compose with matching neighbours."""
+    if (group, option) in FITS_MNIST1D:
+        return []
+    return ["teacher=cnn2d"] if group == "data" else ["data=digits", "teacher=cnn2d"]
 
 
 def test_slurm_launcher_config(tmp_path):

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import load_record
+from conftest import records_in, run_cli
 
 
 def run_demo(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KDEXP_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "kdexp.cli", "demo", *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    """``kdexp demo`` from a fresh working directory, as on a new machine."""
+    return run_cli(["demo", *overrides], tmp_path / "cache", module="kdexp.cli", cwd=tmp_path, timeout=900)
 
 
 def demo_records(tmp_path) -> dict[str, dict]:
     (sweep,) = (tmp_path / "outputs" / "demo").iterdir()
-    return {load_record(job)["choices"]["kd"]: load_record(job) for job in sweep.iterdir() if job.is_dir()}
+    return {record["choices"]["kd"]: record for record in records_in(sweep)}
 
 
 def test_short_demo_trains_teacher_kd_and_baseline_and_summarizes(tmp_path):

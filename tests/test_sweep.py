@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, load_record, run_cli
+from conftest import ROOT, load_record, records_in, run_cli
 from kdexp.errors import ConfigError
 from kdexp.sweep import grid, load_sweep, wandb_sweep_config
 
@@ -33,13 +32,8 @@ def wandb_grid(config: dict) -> set[tuple[str, ...]]:
 def smoke(tmp_path_factory):
     """The smoke grid (16 runs) with two parallel workers and a fresh teacher cache."""
     base = tmp_path_factory.mktemp("sweep")
-    os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     proc = sweep_cli([str(SMOKE), *FAST, "--jobs", "2", "--dir", str(base / "smoke")], base / "cache")
     return base, proc
-
-
-def records_in(folder: Path) -> list[dict]:
-    return [load_record(p.parent) for p in sorted(folder.glob("*/run_record.json"))]
 
 
 def test_local_sweep_runs_the_whole_grid(smoke):

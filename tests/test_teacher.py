@@ -11,7 +11,7 @@ import torch
 
 from kdexp.errors import CheckpointError
 from kdexp.models import CNN2D, MLP
-from kdexp.teacher import load_teacher_weights, provision_teacher, save_teacher, weights_hash
+from kdexp.teacher import Teacher, load_teacher_weights, provision_teacher, save_teacher, weights_hash
 
 
 def _fit_tiny(model: torch.nn.Module, folder: Path) -> float:
@@ -29,9 +29,14 @@ def _fit_tiny(model: torch.nn.Module, folder: Path) -> float:
     return float((model(x).argmax(-1) == y).float().mean())
 
 
+def provision_tiny(cache: Path, key: str) -> Teacher:
+    """Provision a tiny MLP teacher (no checkpoint) under ``cache/key``, training it with ``_fit_tiny``."""
+    return provision_teacher(lambda: MLP([4], 3, width=8), None, 3, cache, key, train=_fit_tiny,
+                             evaluate=lambda m: 0.0)
+
+
 def _provision(cache: str, out: "mp.Queue") -> None:
-    teacher = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, Path(cache), "key123",
-                                train=_fit_tiny, evaluate=lambda m: 0.0)
+    teacher = provision_tiny(Path(cache), "key123")
     out.put((teacher.source, teacher.weights_hash))
 
 
@@ -50,10 +55,7 @@ def test_concurrent_runs_train_the_teacher_exactly_once(tmp_path):
 
 
 def test_cached_teacher_keeps_its_weights_and_accuracy(tmp_path):
-    first = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, tmp_path, "k", train=_fit_tiny,
-                              evaluate=lambda m: 0.0)
-    again = provision_teacher(lambda: MLP([4], 3, width=8), None, 3, tmp_path, "k", train=_fit_tiny,
-                              evaluate=lambda m: 0.0)
+    first, again = provision_tiny(tmp_path, "k"), provision_tiny(tmp_path, "k")
     assert (first.source, again.source) == ("trained", "cache")
     assert weights_hash(again.model) == first.weights_hash and again.test_acc == first.test_acc
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from kdexp.report.consistency import check_consistent, split_groups
 from kdexp.report.errors import ReportError
-from kdexp.report.runs import apply_where, check_metric, known_paths, is_choice_axis, runs_frame, with_axes
+from kdexp.report.runs import apply_where, check_metric, is_student_record, known_paths, runs_frame, with_axes
 from kdexp.report.table import MODES, Table, build_table, default_better
 
 DEFAULT_ROWS = ("student.width", "kd.temperature")
@@ -37,12 +37,12 @@ def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportS
     """The tables for ``records`` (one, or one per combination with ``split``), and notes."""
     if spec.mode not in MODES:
         raise ReportError(f"mode must be one of {', '.join(MODES)}; got '{spec.mode}'.")
-    runs = runs_frame(records)
-    runs = runs[~runs["_kind"].isin(["teacher", "report"])]
+    runs = runs_frame([r for r in records if is_student_record(r)])
     if runs.empty:
         raise ReportError("no student runs to report on (only teacher records?): point at a sweep or run folder.")
-    rows, cols, notes = _axes(runs, spec)
-    runs = apply_where(with_axes(runs, [*rows, *cols]), spec.where)
+    known = known_paths(runs)
+    rows, cols, notes = _axes(spec, known)
+    runs = apply_where(with_axes(runs, [*rows, *cols], known), spec.where, known)
     if runs.empty:
         shown = " ".join(f"--where {k}={v}" for k, v in spec.where)
         raise ReportError(f"no run matches {shown}: check the values (kdexp report … --rows KEY shows which exist).")
@@ -59,13 +59,12 @@ def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportS
     return tables, notes
 
 
-def _axes(runs, spec: ReportSpec) -> tuple[list[str], list[str], list[str]]:
-    """The axes, checked; default axes no run has are dropped (explicit ones must exist)."""
+def _axes(spec: ReportSpec, known: set[str]) -> tuple[list[str], list[str], list[str]]:
+    """The axes, checked; default axes not in ``known`` are dropped (explicit ones must exist)."""
     rows, cols = list(spec.rows), list(spec.cols)
     notes = []
     if (rows, cols) == (list(DEFAULT_ROWS), list(DEFAULT_COLS)):
-        known = known_paths(runs)
-        absent = [a for a in rows + cols if a not in known and not is_choice_axis(runs, a)]
+        absent = [a for a in rows + cols if a not in known]
         if absent:
             notes.append(f"default axes {', '.join(absent)} are in no record and were dropped")
             rows, cols = [a for a in rows if a not in absent], [a for a in cols if a not in absent]

@@ -9,9 +9,10 @@ from pathlib import Path
 from kdexp.report.build import DEFAULT_COLS, DEFAULT_ROWS, ReportSpec, make_tables
 from kdexp.report.errors import ReportError
 from kdexp.report.formats import render_csv, render_latex, render_markdown, tidy_frame, write_text
-from kdexp.report.runs import parse_assignments
 from kdexp.report.sources import load_sources
 from kdexp.report.table import Table
+from kdexp.report.values import parse_assignments
+from kdexp.report.wandb_runs import WANDB_PREFIX, wandb_path
 
 PROG = "kdexp report"
 
@@ -119,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.latex:
         _emit(render_latex(tables), args.latex, "LaTeX")
     if args.csv:
-        _emit(render_csv(tables, delta=args.delta or args.paired, paired=args.paired), args.csv, "CSV")
+        _emit(render_csv(tables), args.csv, "CSV")
     if args.plots:
         _plots(tables, Path(args.plots), kd_at, args, markdown)
     return 0
@@ -161,7 +162,7 @@ def _plots(tables: list[Table], out_dir: Path, kd_at: dict[str, str], args: argp
     from kdexp.report.publish import publish_report
 
     frames = {slug(t.heading) if t.heading else "": tidy_frame([t]) for t in tables}
-    project = next((s.split(":", 1)[1].strip("/") for s in args.sources if s.startswith("wandb:")), None)
+    project = next((wandb_path(s) for s in args.sources if s.startswith(WANDB_PREFIX)), None)
     entity, _, name = (project or "").rpartition("/")
     print(publish_report(files, frames, markdown, project=name or "kdexp", entity=entity or None, group=args.group,
                          config={"sources": args.sources, "metric": args.metric, "rows": args.rows,

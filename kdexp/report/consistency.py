@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from kdexp.report.errors import ReportError
-from kdexp.report.runs import is_choice_axis, is_kd_scoped
+from kdexp.report.runs import is_choice_axis, is_kd_scoped, is_teacher_side
 from kdexp.report.values import format_value, is_missing
 
 # Bookkeeping that does not change what a run computes.
@@ -68,8 +68,7 @@ def _covered_by_axis(key: str, axes: Sequence[str]) -> bool:
     for axis in axes:
         if key in (axis, f"choices.{axis}"):
             return True
-        teacher_side = axis in ("teacher", "data") or axis.startswith(("teacher.", "data."))
-        if key == "teacher_hash" and teacher_side:
+        if key == "teacher_hash" and is_teacher_side(axis):
             return True
         if key == "data_fingerprint" and (axis == "data" or axis.startswith("data.")):
             return True
@@ -120,7 +119,11 @@ def _display(text: str | None) -> str:
 
 def differences(runs: pd.DataFrame, axes: Sequence[str], ignore: Sequence[str] = ()) -> list[Difference]:
     """Every compared key with more than one value; KD settings only within KD and within CE-only runs."""
-    context = context_frame(runs, axes, ignore)
+    return _differences(runs, axes, context_frame(runs, axes, ignore))
+
+
+def _differences(runs: pd.DataFrame, axes: Sequence[str], context: pd.DataFrame) -> list[Difference]:
+    """:func:`differences` over an already built :func:`context_frame`."""
     choice_axes = [a for a in axes if is_choice_axis(runs, a)]
     out = []
     for key in context.columns:
@@ -164,10 +167,10 @@ def split_groups(runs: pd.DataFrame, axes: Sequence[str],
     not apply to them); a run with an unknown teacher hash joins every group that
     matches its other settings.
     """
-    found = differences(runs, axes, ignore)
+    context = context_frame(runs, axes, ignore)
+    found = _differences(runs, axes, context)
     if not found:
         return [({}, runs)]
-    context = context_frame(runs, axes, ignore)
     shared = list(dict.fromkeys(d.key for d in found if d.scope == "all"))
     kd_keys = list(dict.fromkeys(d.key for d in found if d.scope == "distill"))
     ce_keys = list(dict.fromkeys(d.key for d in found if d.scope == "baseline"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdexp.report.table import Table, is_accuracy_metric
+from kdexp.report.table import DELTA_COLUMNS, PAIRED_COLUMNS, Table, is_accuracy_metric
 from kdexp.report.values import format_value, is_missing, sort_key
 
 METRIC_TITLES = {
@@ -92,16 +92,15 @@ def layout(table: Table) -> Grid:
     """Cells → rows (teacher, then per row value the CE-only row and the KD rows) × column values."""
     cells = table.cells
     rows, cols = table.rows, table.cols
-    texts = cells.apply(lambda c: cell_text(c, table), axis=1) if len(cells) else pd.Series(dtype=str)
-    spans = cells[cols].isna().all(axis=1) & bool(cols) if len(cells) else pd.Series(dtype=bool)
+    texts = cells.apply(lambda c: cell_text(c, table), axis=1)
+    spans = cells[cols].isna().all(axis=1) & bool(cols)
     columns = sorted({_col_key(c, cols) for _, c in cells[~spans].iterrows()},
                      key=lambda t: tuple(sort_key(v) for v in t)) or [()]
     # A CE-only cell that has every row axis (e.g. --rows student.width --cols kd) shares the KD row.
-    row_key = cells.apply(lambda c: _col_key(c, rows), axis=1) if len(cells) else pd.Series(dtype=object)
+    row_key = cells.apply(lambda c: _col_key(c, rows), axis=1)
     kd_rows = set(row_key[cells["_kind"].eq("distill")])
     row_kind = cells["_kind"].where(~(cells["_kind"].eq("baseline") & row_key.isin(kd_rows)), "distill")
-    row_ids = cells.assign(_one=0, _row_kind=row_kind).groupby(["_one", "_row_kind", *rows], dropna=False,
-                                                               sort=False).ngroup()
+    row_ids = cells.assign(_row_kind=row_kind).groupby(["_row_kind", *rows], dropna=False, sort=False).ngroup()
     grid_rows = []
     for _, group in cells.groupby(row_ids, sort=True):
         first = group.iloc[0]
@@ -172,10 +171,10 @@ def legend(table: Table) -> str:
 # -- markdown --------------------------------------------------------------------
 def render_markdown(tables: Sequence[Table]) -> str:
     """All tables as one markdown document (a heading per table when --split made several)."""
-    return "\n\n".join(_markdown_one(t, len(tables)) for t in tables) + "\n"
+    return "\n\n".join(_markdown_one(t) for t in tables) + "\n"
 
 
-def _markdown_one(table: Table, count: int) -> str:
+def _markdown_one(table: Table) -> str:
     grid = layout(table)
     heading = table.heading if table.heading else f"{table.metric} — {METRIC_TITLES.get(table.metric, '')}"
     headers = [*grid.row_axes, *(column_title(c, table.cols, table.metric) for c in grid.columns)]
@@ -244,18 +243,20 @@ def _latex_one(table: Table) -> str:
 
 
 # -- CSV -------------------------------------------------------------------------
-_BASE_COLUMNS = ["mean", "std", "n", "n_failed", "n_running", "seeds", "best"]
-_DELTA_COLUMNS = ["baseline_mean", "baseline_std", "baseline_n", "delta", "delta_se"]
-_PAIRED_COLUMNS = ["paired_mean", "paired_std", "paired_n", "paired_t", "paired_p", "paired_ci_low",
-                   "paired_ci_high"]
+_BASE_COLUMNS = ("mean", "std", "n", "n_failed", "n_running", "seeds", "best")
 
 
-def tidy_frame(tables: Sequence[Table], *, delta: bool = False, paired: bool = False) -> pd.DataFrame:
-    """One line per cell, in the metric's own units (fractions for accuracies, as in the records)."""
+def tidy_frame(tables: Sequence[Table], *, delta: bool | None = None, paired: bool | None = None) -> pd.DataFrame:
+    """One line per cell, in the metric's own units (fractions for accuracies, as in the records).
+
+    ``delta`` / ``paired`` add those columns; ``None`` follows each table's mode (paired implies delta).
+    """
     frames = []
     for table in tables:
         cells = table.cells
-        wanted = [*_BASE_COLUMNS, *(_DELTA_COLUMNS if delta else []), *(_PAIRED_COLUMNS if paired else [])]
+        with_delta = table.mode in ("delta", "paired") if delta is None else delta
+        with_paired = table.mode == "paired" if paired is None else paired
+        wanted = [*_BASE_COLUMNS, *(DELTA_COLUMNS if with_delta else ()), *(PAIRED_COLUMNS if with_paired else ())]
         frame = cells.reindex(columns=[*table.axes, *wanted]).copy()
         for axis in table.axes:  # numbers stay numbers; lists and flags become their printed form
             frame[axis] = frame[axis].map(lambda v: v if isinstance(v, float) or is_missing(v) else format_value(v))
@@ -267,7 +268,8 @@ def tidy_frame(tables: Sequence[Table], *, delta: bool = False, paired: bool = F
     return pd.concat(frames, ignore_index=True)
 
 
-def render_csv(tables: Sequence[Table], *, delta: bool = False, paired: bool = False) -> str:
+def render_csv(tables: Sequence[Table], *, delta: bool | None = None, paired: bool | None = None) -> str:
+    """:func:`tidy_frame` as CSV text."""
     return tidy_frame(tables, delta=delta, paired=paired).to_csv(index=False)
 
 

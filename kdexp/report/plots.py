@@ -133,9 +133,10 @@ def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
         for key, wanted in kd_at.items():
             kd = kd[axis_values(kd, key).map(lambda v, w=wanted: matches(v, w))]
         label = "KD at " + ", ".join(f"{k.removeprefix('kd.')}={v}" for k, v in kd_at.items())
+        best = _cells(kd).drop_duplicates("_w").sort_values("_w")
     else:
         label = f"KD, (T, α) with the best {SELECT_ON} per width"
-    best = kd_setting_per_width(kd) if not kd_at else _cells(kd).drop_duplicates("_w").sort_values("_w")
+        best = kd_setting_per_width(kd)
     ce = (runs[runs["_kind"].eq("baseline")].groupby("_w").agg(mean=("_value", "mean"), std=("_value", "std"))
           .reset_index().sort_values("_w"))
     if best.empty and ce.empty:

@@ -19,6 +19,8 @@ from kdexp.report.values import format_value, matches, normalize, parse_scalar, 
 
 # Record fields (not config) a table may key on.
 RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
+# Teacher runs (the cache) and earlier reports are not students: they never enter a cell.
+SKIPPED_JOB_TYPES = ("teacher", "report")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -33,12 +35,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_kind(record: Mapping[str, Any]) -> str:
+def is_student_record(record: Mapping[str, Any]) -> bool:
+    """Whether a record is a student run (not a teacher run or an earlier report)."""
+    return record.get("job_type") not in SKIPPED_JOB_TYPES
+
+
+def run_kind(job_type: str | None, choices: Mapping[str, Any]) -> str:
     """``distill`` or ``baseline``; a run that failed before it knew its job type goes by ``kd=none``."""
-    job_type = record.get("job_type")
     if job_type in ("distill", "baseline"):
         return job_type
-    choices = record.get("choices") or (record.get("config") or {}).get("choices") or {}
     return "baseline" if choices.get("kd") == "none" else "distill"
 
 
@@ -47,34 +52,39 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     rows = []
     for record in records:
         config = record.get("config") or {}
+        choices = dict(record.get("choices") or config.get("choices") or {})
         teacher = record.get("teacher") if isinstance(record.get("teacher"), Mapping) else {}
         metrics = dict(record.get("metrics") or {})
-        teacher_acc = pd.to_numeric(pd.Series([metrics.get("teacher/test_acc", teacher.get("test_acc"))]),
-                                    errors="coerce").iloc[0]
         error = record.get("error") if isinstance(record.get("error"), Mapping) else {}
         seed = record.get("seed", config.get("seed"))
         rows.append({
-            "_kind": run_kind(record),
+            "_kind": run_kind(record.get("job_type"), choices),
             "_status": str(record.get("status") or "running"),
             "_seed": None if seed is None else int(seed),
             "_config": flatten(config),
-            "_choices": dict(record.get("choices") or config.get("choices") or {}),
+            "_choices": choices,
             "_metrics": metrics,
             "_teacher_hash": teacher.get("hash"),
-            "_teacher_acc": teacher_acc,
+            "_teacher_acc": metrics.get("teacher/test_acc", teacher.get("test_acc")),
             "_data_fingerprint": record.get("data_fingerprint"),
             "_error": error.get("type"),
             "_source": record.get("_source") or record.get("output_dir") or record.get("run_name"),
             "_time": record.get("finished_at") or record.get("started_at"),
         })
-    return pd.DataFrame(rows, columns=["_kind", "_status", "_seed", "_config", "_choices", "_metrics",
-                                       "_teacher_hash", "_teacher_acc", "_data_fingerprint", "_error",
-                                       "_source", "_time"])
+    frame = pd.DataFrame(rows, columns=["_kind", "_status", "_seed", "_config", "_choices", "_metrics",
+                                        "_teacher_hash", "_teacher_acc", "_data_fingerprint", "_error",
+                                        "_source", "_time"])
+    return frame.assign(_teacher_acc=pd.to_numeric(frame["_teacher_acc"], errors="coerce"))
 
 
 def is_kd_scoped(path: str) -> bool:
     """Settings of the KD objective: a CE-only baseline has none of them."""
     return path == "kd" or path.startswith("kd.") or path == "choices.kd"
+
+
+def is_teacher_side(path: str) -> bool:
+    """The teacher's and the data's groups and settings: what picks the teacher a student learns from."""
+    return path in ("teacher", "data") or path.startswith(("teacher.", "data."))
 
 
 def is_choice_axis(runs: pd.DataFrame, path: str) -> bool:
@@ -95,6 +105,7 @@ def axis_values(runs: pd.DataFrame, path: str) -> pd.Series:
 
 
 def known_paths(runs: pd.DataFrame) -> set[str]:
+    """Every name an axis or ``--where`` key may use: record fields, config paths and group names."""
     keys: set[str] = set(RECORD_FIELDS)
     for config in runs["_config"]:
         keys.update(config)
@@ -103,11 +114,8 @@ def known_paths(runs: pd.DataFrame) -> set[str]:
     return keys
 
 
-def check_path(runs: pd.DataFrame, path: str, what: str) -> None:
-    """Refuse a path no run has, naming the closest real ones."""
-    if is_choice_axis(runs, path) or path in RECORD_FIELDS:
-        return
-    known = known_paths(runs)
+def check_path(known: set[str], path: str, what: str) -> None:
+    """Refuse a path not in ``known`` (see :func:`known_paths`), naming the closest real ones."""
     if path in known:
         return
     below = sorted(k for k in known if k.startswith(f"{path}."))
@@ -121,25 +129,14 @@ def check_path(runs: pd.DataFrame, path: str, what: str) -> None:
                       "(kd, student, data, teacher).")
 
 
-def with_axes(runs: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
-    """``runs`` with one column per axis, named by its path."""
+def with_axes(runs: pd.DataFrame, axes: Sequence[str], known: set[str]) -> pd.DataFrame:
+    """``runs`` with one column per axis, named by its path (each checked against ``known``)."""
     for axis in axes:
-        check_path(runs, axis, "axis")
+        check_path(known, axis, "axis")
     return runs.assign(**{axis: axis_values(runs, axis) for axis in axes})
 
 
-def parse_assignments(items: Iterable[str], option: str) -> list[tuple[str, str]]:
-    """``["kd.alpha=0.9"]`` → ``[("kd.alpha", "0.9")]``."""
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ReportError(f"{option} '{item}' must look like key=value, e.g. {option} kd.alpha=0.9.")
-        out.append((key.strip(), value.strip()))
-    return out
-
-
-def apply_where(runs: pd.DataFrame, clauses: Sequence[tuple[str, str]]) -> pd.DataFrame:
+def apply_where(runs: pd.DataFrame, clauses: Sequence[tuple[str, str]], known: set[str]) -> pd.DataFrame:
     """Keep runs whose setting equals one of the comma-separated values of each clause.
 
     A clause on a KD setting (``kd.alpha=0.9``) selects among the KD runs only: the
@@ -147,7 +144,7 @@ def apply_where(runs: pd.DataFrame, clauses: Sequence[tuple[str, str]]) -> pd.Da
     """
     keep = pd.Series(True, index=runs.index)
     for key, wanted in clauses:
-        check_path(runs, key, "--where key")
+        check_path(known, key, "--where key")
         options = wanted.split(",")
         values = axis_values(runs, key)
         hit = values.map(lambda v: any(matches(v, w) for w in options)).astype(bool)

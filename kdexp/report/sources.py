@@ -9,9 +9,7 @@ from typing import Any
 from kdexp.records import RECORD_NAME, read_record
 from kdexp.report import wandb_runs
 from kdexp.report.errors import ReportError
-
-# Teacher runs (the cache) and earlier reports are not students: they never enter a cell.
-SKIPPED_JOB_TYPES = ("teacher", "report")
+from kdexp.report.runs import is_student_record
 
 
 def records_from_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -51,7 +49,7 @@ def load_sources(sources: Sequence[str], *, group: str | None = None,
                 notes.append(f"--group/--filter apply to W&B sources only; ignored for {source}")
             found, unreadable = records_from_folder(source)
             notes += unreadable
-        kept = [r for r in found if r.get("job_type") not in SKIPPED_JOB_TYPES]
+        kept = [r for r in found if is_student_record(r)]
         if not found:
             notes.append(f"no run records in {source}")
         records += kept

@@ -13,16 +13,13 @@ def welch_se(std_a: pd.Series, n_a: pd.Series, std_b: pd.Series, n_b: pd.Series)
 
 
 def paired_summary(differences: pd.DataFrame, by: list[str], column: str = "diff") -> pd.DataFrame:
-    """Per group of ``by``: mean, std (ddof=1), n, paired t statistic, two-sided p and 95 % CI.
+    """Per group of ``by`` (at least one column): mean, std (ddof=1), n, paired t, two-sided p and 95 % CI.
 
     ``differences`` holds one seed-wise difference (KD − baseline, same seed) per row;
     the t statistic equals ``scipy.stats.ttest_rel`` on the two paired samples.
     """
-    grouped = differences.groupby(by, dropna=False, sort=False)[column] if by else \
-        differences.groupby(lambda _: 0)[column]
+    grouped = differences.groupby(by, dropna=False, sort=False)[column]
     out = grouped.agg(paired_mean="mean", paired_std="std", paired_n="count").reset_index()
-    if not by:
-        out = out.drop(columns=out.columns[0])
     se = out["paired_std"] / np.sqrt(out["paired_n"])
     dof = (out["paired_n"] - 1).where(out["paired_n"] > 1)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from kdexp.report.runs import is_kd_scoped, metric_values
+from kdexp.report.runs import RECORD_FIELDS, is_kd_scoped, is_teacher_side, metric_values
 from kdexp.report.stats import paired_summary, welch_se
 from kdexp.report.values import format_value, is_missing, sort_key
 
 KINDS = ("teacher", "baseline", "distill")  # the order rows appear in
 MODES = ("raw", "delta", "paired")
-PAIRED_COLUMNS = ("paired_mean", "paired_std", "paired_t", "paired_p", "paired_ci_low", "paired_ci_high")
+# What _with_delta and _with_paired add to each KD cell.
+DELTA_COLUMNS = ("baseline_mean", "baseline_std", "baseline_n", "delta", "delta_se")
+PAIRED_COLUMNS = ("paired_mean", "paired_std", "paired_n", "paired_t", "paired_p", "paired_ci_low", "paired_ci_high")
 SHOWN = {"raw": "mean", "delta": "delta", "paired": "paired_mean"}  # what KD cells display, per mode
 _LOWER_IS_BETTER = ("ece", "loss", "kl", "nll", "err")
 
@@ -61,15 +63,13 @@ class Table:
     def heading(self) -> str | None:
         return ", ".join(f"{k}={v}" for k, v in self.split.items()) or None
 
-    @property
-    def shown(self) -> str:
-        """The cell column this table displays and ranks by."""
-        return SHOWN[self.mode]
-
 
 def build_table(runs: pd.DataFrame, *, rows: Sequence[str], cols: Sequence[str], metric: str,
                 mode: str = "raw", better: str = "max", split: dict[str, str] | None = None) -> Table:
-    """Aggregate ``runs`` (with axis columns, see :func:`kdexp.report.runs.with_axes`) into a table."""
+    """Aggregate ``runs`` (with axis columns, see :func:`kdexp.report.runs.with_axes`) into a table.
+
+    ``rows`` must hold at least one axis (:func:`kdexp.report.build.make_tables` ensures it).
+    """
     rows, cols = list(rows), list(cols)
     axes = [*rows, *cols]
     runs = runs.assign(_value=metric_values(runs, metric))
@@ -102,10 +102,8 @@ def _complete(distill: pd.DataFrame, rows: list[str], cols: list[str]) -> pd.Dat
     if not cols or distill.empty:
         return distill
     grid = distill[rows].drop_duplicates().merge(distill[cols].drop_duplicates(), how="cross")
-    full = grid.merge(distill, on=[*rows, *cols], how="left")
-    return full.assign(_kind="distill", n=full["n"].fillna(0).astype(int),
-                       n_failed=full["n_failed"].fillna(0).astype(int),
-                       n_running=full["n_running"].fillna(0).astype(int), seeds=full["seeds"].fillna(""))
+    # counts and seeds of the new cells are filled in _sorted
+    return grid.merge(distill, on=[*rows, *cols], how="left").assign(_kind="distill")
 
 
 def _superseded(finished: pd.DataFrame, axes: list[str]) -> pd.Index:
@@ -122,7 +120,7 @@ def _join_seeds(seeds: pd.Series) -> str:
 def _with_delta(distill: pd.DataFrame, baseline: pd.DataFrame, match: list[str]) -> pd.DataFrame:
     """KD mean − CE-only mean of the same student (same values on the baseline's axes)."""
     if distill.empty or baseline.empty:
-        return distill.assign(baseline_mean=np.nan, baseline_std=np.nan, baseline_n=0, delta=np.nan, delta_se=np.nan)
+        return distill.assign(**{**dict.fromkeys(DELTA_COLUMNS, np.nan), "baseline_n": 0})
     ref = baseline[[*match, "mean", "std", "n"]].rename(
         columns={"mean": "baseline_mean", "std": "baseline_std", "n": "baseline_n"})
     ref = ref[~ref.duplicated(match, keep=False)] if match else ref.iloc[:1]  # ambiguous → no delta
@@ -137,7 +135,7 @@ def _with_paired(distill: pd.DataFrame, ok_runs: pd.DataFrame, axes: list[str], 
     kd = ok_runs[ok_runs["_kind"].eq("distill")][[*axes, "_seed", "_v"]]
     ce = ok_runs[ok_runs["_kind"].eq("baseline")][[*match, "_seed", "_v"]].rename(columns={"_v": "_v_base"})
     if kd.empty or ce.empty:  # nothing to pair (and empty frames would not merge on their dtypes)
-        return distill.assign(**{c: np.nan for c in PAIRED_COLUMNS}, paired_n=0)
+        return distill.assign(**{**dict.fromkeys(PAIRED_COLUMNS, np.nan), "paired_n": 0})
     pairs = kd.merge(ce, on=[*match, "_seed"])
     pairs["diff"] = pairs["_v"] - pairs["_v_base"]
     summary = paired_summary(pairs, axes)
@@ -156,7 +154,7 @@ def _mark_best(distill: pd.DataFrame, baseline: pd.DataFrame, rows: list[str], c
     in_row = baseline[rows].notna().all(axis=1) & with_baseline
     ranked = pd.concat([distill.assign(_shown=distill[column], _from="distill"),
                         baseline[in_row].assign(_shown=lambda d: d["mean"], _from="baseline")], ignore_index=True)
-    grouped = ranked.assign(_one=0).groupby(["_one", *rows], dropna=False, sort=False)["_shown"]
+    grouped = ranked.groupby(rows, dropna=False, sort=False)["_shown"]
     best = (ranked["_shown"].notna() & ranked["_shown"].eq(grouped.transform(better))
             & grouped.transform("count").ge(2)).to_numpy(dtype=bool)
     is_kd = ranked["_from"].eq("distill").to_numpy(dtype=bool)
@@ -171,8 +169,7 @@ def _teacher_cells(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     hashed = known[known["_teacher_hash"].notna()]
     # by weights hash; only when no run knows its teacher's hash, by the accuracy itself
     teachers = hashed.drop_duplicates("_teacher_hash") if len(hashed) else known.drop_duplicates("_teacher_acc")
-    side = [a for a in axes if a in ("teacher", "data", "teacher_hash", "data_fingerprint")
-            or a.startswith(("teacher.", "data."))]
+    side = [a for a in axes if is_teacher_side(a) or a in RECORD_FIELDS]
     cells = (teachers.assign(_one=0).groupby(["_one", *side], dropna=False, sort=False)
              .agg(mean=("_teacher_acc", "mean"), std=("_teacher_acc", "std"), n=("_teacher_acc", "count"))
              .reset_index().drop(columns="_one"))
@@ -188,6 +185,7 @@ def _sorted(cells: pd.DataFrame, rows: list[str], cols: list[str]) -> pd.DataFra
     for column in ("n", "n_failed", "n_running", "baseline_n"):
         if column in ordered:
             ordered[column] = ordered[column].fillna(0).astype(int)
+    ordered["seeds"] = ordered["seeds"].fillna("")
     return ordered.drop(columns=["_not_teacher", "_kind_order"]).reset_index(drop=True)
 
 
@@ -198,9 +196,10 @@ def describe_context(runs: pd.DataFrame, axes: Sequence[str]) -> str:
         values = runs["_choices"].map(lambda c, g=group: c.get(g)).dropna().unique()
         if group not in axes and len(values) == 1:
             text = f"{group}={values[0]}"
-            hashes = runs["_teacher_hash"].dropna().unique()
-            if group == "teacher" and len(hashes) == 1:
-                text += f" (weights {str(hashes[0])[:8]})"
+            if group == "teacher":
+                hashes = runs["_teacher_hash"].dropna().unique()
+                if len(hashes) == 1:
+                    text += f" (weights {str(hashes[0])[:8]})"
             parts.append(text)
     kd = runs.loc[runs["_kind"].eq("distill"), "_choices"].map(lambda c: c.get("kd")).dropna().unique()
     if "kd" not in axes and len(kd) == 1:

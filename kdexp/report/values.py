@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
+
+from kdexp.report.errors import ReportError
 
 
 def normalize(value: Any) -> Any:
@@ -82,3 +85,14 @@ def matches(actual: Any, wanted: str) -> bool:
     if isinstance(actual, float) and isinstance(target, float):
         return math.isclose(actual, target, rel_tol=1e-9, abs_tol=1e-12)
     return actual == target or format_value(actual) == wanted.strip()
+
+
+def parse_assignments(items: Iterable[str], option: str, example: str = "kd.alpha=0.9") -> list[tuple[str, str]]:
+    """``["kd.alpha=0.9"]`` → ``[("kd.alpha", "0.9")]`` (key and value stripped)."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ReportError(f"{option} '{item}' must look like key=value, e.g. {option} {example}.")
+        out.append((key.strip(), value.strip()))
+    return out

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kdexp.report.errors import ReportError
-from kdexp.report.values import parse_scalar
+from kdexp.report.values import parse_assignments, parse_scalar
+from kdexp.tracking import RUN_CONFIG_EXTRAS
 
 WANDB_PREFIX = "wandb:"
 
@@ -19,9 +20,6 @@ WANDB_PREFIX = "wandb:"
 # failure for the table (counted, never averaged); anything else is still going.
 _STATES = {"finished": "finished", "failed": "failed", "crashed": "failed", "killed": "failed"}
 
-# What kdexp adds to the W&B config beside the resolved Hydra config (pipeline.run_experiment).
-_EXTRA_CONFIG_KEYS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "output_dir",
-                      "student_parameters")
 
 # Fields of a W&B run that filters may name directly; other keys are config paths.
 _RUN_FIELDS = ("group", "state", "tags", "jobType", "job_type", "displayName", "display_name", "createdAt",
@@ -46,11 +44,7 @@ def wandb_filters(group: str | None = None, filters: Iterable[str] = ()) -> dict
     out: dict[str, Any] = {}
     if group:
         out["group"] = group
-    for item in filters:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ReportError(f"--filter '{item}' must look like key=value, e.g. --filter config.kd.alpha=0.9.")
+    for key, value in parse_assignments(filters, "--filter", example="config.kd.alpha=0.9"):
         if not key.startswith(("config.", "summary_metrics.", "$")) and key not in _RUN_FIELDS:
             key = f"config.{key}"
         out[key] = parse_scalar(value)
@@ -77,7 +71,7 @@ def records_from_wandb_runs(runs: Iterable[Any]) -> list[dict[str, Any]]:
 
 def _record_from_run(run: Any) -> dict[str, Any]:
     config = _unflatten(_unwrap_values(dict(getattr(run, "config", None) or {})))
-    extra = {key: config.pop(key, None) for key in _EXTRA_CONFIG_KEYS}
+    extra = {key: config.pop(key, None) for key in RUN_CONFIG_EXTRAS}
     metrics = _numeric(_summary_dict(getattr(run, "summary", None)))
     if "teacher/test_acc" not in metrics and isinstance(extra["teacher_test_acc"], (int, float)):
         metrics["teacher/test_acc"] = float(extra["teacher_test_acc"])
