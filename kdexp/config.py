@@ -40,23 +40,49 @@ def to_plain(cfg: DictConfig | None) -> Any:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
-def instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, but a kdexp error raised by the target surfaces as itself.
+def instantiate(node: Any, *, what: str | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with errors that show their real cause.
 
-    Hydra wraps exceptions from constructors in ``InstantiationException``; unwrapping
-    keeps messages like "kd.alpha must lie in [0, 1]" readable and catchable.
+    Hydra wraps exceptions from constructors in ``InstantiationException`` and, for a
+    ``_target_`` that cannot be imported, says only "Error locating target … set
+    HYDRA_FULL_ERROR=1". A kdexp error raised by the target surfaces as itself (so
+    "kd.alpha must lie in [0, 1]" stays readable); any other cause becomes a
+    :class:`ConfigError` naming the config node (``what``), the target, the real
+    exception and where it was raised.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
-    from kdexp.errors import KdexpError
+    from kdexp.errors import ConfigError, KdexpError
 
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, KdexpError):
+        cause: BaseException | None = err.__cause__
+        while cause is not None and not isinstance(cause, KdexpError) and cause.__cause__ is not None:
             cause = cause.__cause__
-        if cause is not None:
+        if isinstance(cause, KdexpError):
             raise cause from None
-        raise
+        label = what or "a config node"
+        target = node.get("_target_") if isinstance(node, (dict, DictConfig)) else None
+        if cause is None:
+            raise ConfigError(f"cannot build {label} ({target}): {err}") from None
+        if "Error locating target" in str(err):
+            raise ConfigError(
+                f"{label}._target_={target} cannot be imported: {type(cause).__name__}: {cause}. Check the dotted "
+                "path, and that its package is installed or on PYTHONPATH."
+            ) from None
+        raise ConfigError(
+            f"{label} ({target}) raised while being built: {type(cause).__name__}: {cause}{_where(cause)}"
+        ) from cause
+
+
+def _where(err: BaseException) -> str:
+    """`` (at file:line in function)`` of the innermost frame that raised ``err``."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {last.filename}:{last.lineno} in {last.name})"

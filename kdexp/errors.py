@@ -31,6 +31,18 @@ class RunExistsError(KdexpError):
     """The output folder already holds a finished run, which is never overwritten."""
 
 
+class RunBusyError(KdexpError):
+    """Another live process is running in the same output folder."""
+
+
+class StorageError(KdexpError):
+    """A file kdexp owns cannot be written (permissions, read-only or full disk)."""
+
+
+class RunInterrupted(KdexpError):
+    """The run was stopped by a signal (Ctrl-C, SIGTERM, a pre-emption) and can be resumed."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -30,6 +30,9 @@ Batch = tuple[Tensor, Tensor, Tensor]  # x, y, index into the split
 # logged per epoch on purpose (no per-step logging cost), so these warnings are noise.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+# best.ckpt and last.ckpt come from two ModelCheckpoint callbacks on purpose (conf/callbacks/default.yaml);
+# the first, best.ckpt's, is the one ckpt_path="best" should use.
+warnings.filterwarnings("ignore", message=r".*configured with multiple `ModelCheckpoint` callbacks.*")
 
 
 class EvalMetrics(nn.Module):
@@ -93,7 +96,9 @@ class SupervisedModule(pl.LightningModule):
         self.val_metrics = EvalMetrics(num_classes)
         self.test_metrics = EvalMetrics(num_classes)
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run remembers its best epoch
         self.test_suffix = ""
+        self.restored_metrics: dict[str, float] = {}  # the last epoch's metrics, read from a resumed checkpoint
         self._loss_sums: dict[str, Tensor] = {}
         self._loss_steps = 0
         self._student_hooks = (
@@ -177,6 +182,21 @@ class SupervisedModule(pl.LightningModule):
         values = self.test_metrics.compute()
         self.test_metrics.reset()
         self.log_dict({f"test/{k}{self.test_suffix}": v for k, v in values.items()}, sync_dist=True)
+
+    # -- checkpoints ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain tensors and floats only, so the file loads with weights_only=True.
+        checkpoint["kdexp"] = {
+            "torch_rng": torch.get_rng_state(),
+            "metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                        if k.startswith(("train/", "val/"))},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("kdexp") or {}
+        if "torch_rng" in state:  # dropout and other in-step randomness continue where they stopped
+            torch.set_rng_state(state["torch_rng"])
+        self.restored_metrics = dict(state.get("metrics") or {})
 
     # -- optimisation -----------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -7,6 +7,7 @@ read top to bottom and reused (e.g. to train a teacher inside a student run).
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,15 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from kdexp.config import instantiate, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
-from kdexp.errors import ConfigError, RunExistsError
+from kdexp.errors import ConfigError, RunInterrupted
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
-from kdexp.records import RECORD_NAME, RunRecorder, read_record
+from kdexp.records import RunRecorder
 from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 
@@ -46,20 +48,51 @@ def evaluate_accuracy(model: nn.Module, batches: IndexBatches) -> float:
     return correct / max(total, 1)
 
 
+class StopWatcher(pl.Callback):
+    """Remembers the exception that stopped ``fit``.
+
+    Lightning turns Ctrl-C into ``sys.exit(1)`` and SIGTERM into a ``SystemExit``;
+    this is how the run tells an interruption (resumable) from a failure.
+    """
+
+    def __init__(self) -> None:
+        self.exception: BaseException | None = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.exception = exception
+
+
+def preemption_signals_stop_gracefully(trainer: pl.Trainer) -> None:
+    """Make SIGUSR1 (SLURM's pre-emption warning) stop training like SIGTERM does.
+
+    Lightning stops after the current batch on SIGTERM (its signal connector), and the
+    ``last_checkpoint`` callback (``save_on_exception``) then writes ``last.ckpt``. On
+    SLURM with auto-requeue Lightning handles SIGUSR1 itself; elsewhere it is routed
+    to the same graceful stop instead of killing the process outright.
+    """
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is None or not hasattr(signal, "SIGUSR1"):
+        return
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(connector, "received_sigterm", True))
+
+
 def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_epochs: int | None = None) -> pl.Trainer:
     """The configured Trainer, with checkpoints under ``output_dir/checkpoints``."""
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks = [instantiate(node, what="callbacks") for node in (cfg.get("callbacks") or {}).values() if node]
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(output_dir / "checkpoints")  # beside the run's record, not lightning_logs/
+    callbacks.append(StopWatcher())
     overrides: dict[str, Any] = {"default_root_dir": str(output_dir)}
     if max_epochs is not None:
         overrides["max_epochs"] = max_epochs
     return instantiate(cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, **overrides)
 
 
-def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any]) -> Logger | None:
-    """The configured experiment logger (``logger=none`` gives None)."""
+def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
+                 run_id: str | None = None) -> Logger | None:
+    """The configured experiment logger (``logger=none`` gives None); ``run_id`` continues that W&B run."""
     if not cfg.get("logger"):
         return None
     group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
@@ -68,6 +101,8 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
     if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
         extra["tags"] = [choice(cfg, "data"), choice(cfg, "kd"), choice(cfg, "student"), job_type,
                          *cfg.get("tags", []), *cfg.logger.tags]
+    if run_id:
+        extra["run_id"] = run_id
     return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
 
 
@@ -80,18 +115,54 @@ def choice(cfg: DictConfig, group: str) -> str:
     return str(choices(cfg).get(group, group))
 
 
-def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMemoryDataModule) -> dict[str, float]:
-    """Fit, then test at the last epoch (``test/*_last``) and at the best-val checkpoint (``test/*``)."""
-    trainer.fit(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMemoryDataModule,
+                 ckpt_path: Path | None = None) -> dict[str, float]:
+    """Fit (continuing from ``ckpt_path`` when given), then test at the last epoch
+    (``test/*_last``) and at the best-val checkpoint (``test/*``).
+
+    Checkpoints are read weights-only: resuming never runs code from a file.
+    """
+    preemption_signals_stop_gracefully(trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
+    except SystemExit as stop:
+        raise_if_interrupted(trainer, stop)
+        raise
+    if trainer.current_epoch < 1 or trainer.global_step < 1:
+        raise ConfigError(f"training ran {trainer.current_epoch} epochs ({trainer.global_step} steps): nothing was "
+                          "trained, so there is no result to record. Check trainer.max_epochs / max_steps / "
+                          "limit_train_batches.")
+    metrics = dict(module.restored_metrics)  # a resumed run with no epoch left still reports its last epoch
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
     module.test_suffix = "_last"
     metrics.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
     module.test_suffix = ""
     has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-    metrics.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0])
+    metrics.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None,
+                                weights_only=True, verbose=False)[0])
     if has_best:
         metrics["best_val_score"] = float(trainer.checkpoint_callback.best_model_score)
     return metrics
+
+
+def raise_if_interrupted(trainer: pl.Trainer, stop: SystemExit) -> None:
+    """Turn Lightning's exit after Ctrl-C or SIGTERM into :class:`RunInterrupted`."""
+    watcher = next((cb for cb in trainer.callbacks if isinstance(cb, StopWatcher)), None)
+    cause = watcher.exception if watcher is not None else None
+    if isinstance(cause, KeyboardInterrupt) or isinstance(stop, SIGTERMException) or isinstance(cause, SIGTERMException):
+        what = "Ctrl-C" if isinstance(cause, KeyboardInterrupt) else "SIGTERM (or a pre-emption signal)"
+        raise RunInterrupted(
+            f"stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoints/last.ckpt "
+            "holds the progress. Run the same command again to continue from there."
+        ) from None
+
+
+def checkpoint_files(output_dir: Path) -> dict[str, str | None]:
+    """The run's checkpoint files (``best``: best val/acc; ``last``: the last finished epoch)."""
+    folder = output_dir / "checkpoints"
+    return {name: str(folder / f"{name}.ckpt") if (folder / f"{name}.ckpt").is_file() else None
+            for name in ("best", "last")}
 
 
 def apply_num_threads(num_threads: int | None) -> None:
@@ -107,11 +178,16 @@ def apply_num_threads(num_threads: int | None) -> None:
 def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
     """Close the run's record and its W&B run however the block ends.
 
-    A clean exit marks both finished; an exception (KeyboardInterrupt included)
-    marks them failed, keeps the error in the record, and propagates.
+    A clean exit marks both finished; Ctrl-C or a stop signal marks the record
+    ``interrupted`` (a later run of the same command resumes it); any other exception
+    marks it failed. The error is kept in the record and propagates.
     """
     try:
         yield recorder
+    except (KeyboardInterrupt, RunInterrupted) as err:
+        recorder.finish("interrupted", err)
+        finish_wandb(exit_code=1)
+        raise
     except BaseException as err:
         recorder.finish("failed", err)
         finish_wandb(exit_code=1)
@@ -166,52 +242,17 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
 
 
 # -- a student run -----------------------------------------------------------------
-IF_FINISHED = ("error", "skip", "rerun")
-
-
-def check_output_dir(output_dir: Path, if_finished: str) -> dict[str, Any] | None:
-    """Protect a finished run in ``output_dir``.
-
-    ``error``: refuse. ``skip``: return its record so the caller skips the run (a
-    half-done sweep resumes). ``rerun``: move the finished run's files into
-    ``output_dir/archive/<finished_at>/`` first, so nothing finished is ever lost.
-    """
-    if if_finished not in IF_FINISHED:
-        raise ConfigError(f"if_finished must be one of {', '.join(IF_FINISHED)}; got '{if_finished}'.")
-    previous = read_record(output_dir)
-    if previous is None or previous.get("status") != "finished":
-        return None
-    if if_finished == "skip":
-        return previous
-    if if_finished == "rerun":
-        archive_run(output_dir, previous)
-        return None
-    raise RunExistsError(
-        f"{output_dir} already holds a finished run (record {output_dir / RECORD_NAME}); it is never "
-        "overwritten. Choose another hydra.run.dir, delete that folder, or pass if_finished=skip "
-        "(keep it) or if_finished=rerun (archive it and run again)."
-    )
-
-
-def archive_run(output_dir: Path, record: dict[str, Any]) -> Path:
-    """Move a finished run's record, checkpoints and logs under ``archive/<finished_at>``."""
-    stamp = str(record.get("finished_at", "unknown")).replace(":", "-")
-    target = output_dir / "archive" / stamp
-    target.mkdir(parents=True, exist_ok=True)
-    for item in output_dir.iterdir():
-        if item.name not in ("archive", ".hydra"):
-            item.rename(target / item.name)
-    log.info("Archived the finished run in %s to %s before running again.", output_dir, target)
-    return target
-
-
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
     width = cfg.student.get("width", "")
     return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"
 
 
-def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
-    """Train one student (distilled, or CE-only for ``kd=none``) and fill its record."""
+def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train one student (distilled, or CE-only for ``kd=none``) and fill its record.
+
+    ``resume_from``: a ``last.ckpt`` of this run killed or interrupted earlier; training
+    continues from it and logs into the same W&B run.
+    """
     output_dir = recorder.folder
     apply_num_threads(cfg.get("num_threads"))
     datamodule: InMemoryDataModule = instantiate(cfg.data)
@@ -219,12 +260,14 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     fingerprint = datamodule.fingerprint()
     recorder.update(data_fingerprint=fingerprint)
 
-    objective = instantiate(cfg.kd)  # validates T and alpha before any teacher training
     teacher = get_teacher(cfg, datamodule)
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
                              "path": teacher.path, "cache_key": teacher.cache_key})
 
-    pl.seed_everything(int(cfg.seed), verbose=False)  # after the teacher, so a cache hit changes nothing
+    # Seeded after the teacher (so a cache hit changes nothing) and before anything random
+    # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
+    pl.seed_everything(int(cfg.seed), verbose=False)
+    objective = instantiate(cfg.kd)
     student = instantiate(cfg.student)
     job_type = "distill" if objective.needs_teacher else "baseline"
     run_name = run_name_for(cfg, job_type, objective.describe())
@@ -234,9 +277,11 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
     wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
                                     teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
                                     student_parameters=parameters, output_dir=str(output_dir))
-    logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config)
+    previous_wandb = recorder.record.get("wandb") or {}
+    logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
+                          run_id=previous_wandb.get("id") if resume_from is not None else None)
     recorder.update(wandb=wandb_run_info(logger))
-    if logger is not None:
+    if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
         logger.log_metrics({"teacher/test_acc": teacher.test_acc}, step=0)
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
@@ -245,11 +290,9 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder) -> dict[str, Any]:
                                 num_classes=int(cfg.data.num_classes))
     initial = {"val/acc_init": evaluate_accuracy(student, datamodule.eval_batches("val"))}
     trainer = build_trainer(cfg, output_dir, logger)
-    metrics = {**initial, **fit_and_test(trainer, module, datamodule), "teacher/test_acc": teacher.test_acc}
-    checkpoint = trainer.checkpoint_callback
+    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from), "teacher/test_acc": teacher.test_acc}
     recorder.update(metrics=metrics, epochs=trainer.current_epoch, global_steps=trainer.global_step,
-                    checkpoints={"best": getattr(checkpoint, "best_model_path", None),
-                                 "last": getattr(checkpoint, "last_model_path", None)})
+                    checkpoints=checkpoint_files(output_dir))
     return recorder.record
 
 

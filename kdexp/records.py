@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import subprocess
 import time
@@ -18,6 +17,8 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from kdexp.files import atomic_write_text
 
 RECORD_NAME = "run_record.json"
 SCHEMA_VERSION = 1
@@ -35,12 +36,8 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
     """Write atomically, so a crash never leaves half a record."""
-    path = Path(folder) / RECORD_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n"
+    return atomic_write_text(Path(folder) / RECORD_NAME, text, what="run record")
 
 
 def _jsonable(value: Any) -> Any:
@@ -85,22 +82,32 @@ class RunRecorder:
     """Builds one run's record and rewrites it on each status change.
 
     The record is written as ``running`` at the start, so a run killed from
-    outside still leaves a trace of what it was.
+    outside still leaves a trace of what it was. ``resumes`` continues the record of
+    an interrupted run of the same config: its start time, W&B id and earlier wall
+    time are kept, and ``resumed`` lists each continuation.
     """
 
-    def __init__(self, folder: str | Path, base: dict[str, Any]) -> None:
+    def __init__(self, folder: str | Path, base: dict[str, Any], resumes: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self._start = time.time()
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start))
+        self._earlier_wall_time = float((resumes or {}).get("wall_time_s") or 0.0)
         self.record: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
-            "status": "running",
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start)),
+            "started_at": now,
             "output_dir": str(self.folder),
             "git_commit": git_commit(),
             "versions": library_versions(),
             "metrics": {},
-            **base,
         }
+        if resumes is not None:
+            keep = ("started_at", "wandb", "resumed")
+            self.record.update({k: resumes[k] for k in keep if k in resumes})
+            self.record["resumed"] = [*self.record.get("resumed", []), {
+                "at": now, "previous_status": resumes.get("status"),
+                "previous_git_commit": resumes.get("git_commit"), "previous_error": resumes.get("error"),
+            }]
+        self.record.update({**base, "status": "running"})
         write_record(self.folder, self.record)
 
     def update(self, **fields: Any) -> None:
@@ -109,8 +116,10 @@ class RunRecorder:
 
     def finish(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
         self.record["status"] = status
-        self.record["wall_time_s"] = round(time.time() - self._start, 3)
+        # Wall time over every attempt whose end was recorded (a SIGKILLed attempt's is unknown).
+        self.record["wall_time_s"] = round(self._earlier_wall_time + time.time() - self._start, 3)
         self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.record.pop("error", None)
         if error is not None:
             self.record["error"] = {
                 "type": type(error).__name__,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from filelock import FileLock
 from torch import nn
 
 from kdexp.errors import CheckpointError
+from kdexp.files import atomic_torch_save, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,8 @@ def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], tra
 
 
 def save_teacher(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Atomic write: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "kdexp_meta": meta}, tmp)
-    os.replace(tmp, path)
+    """Atomic write: a reader never sees half a file. Plain tensors and values only, so it loads weights-only."""
+    atomic_torch_save(path, {"state_dict": model.state_dict(), "kdexp_meta": meta}, what="teacher file")
 
 
 def _extract_state_dict(blob: Any) -> dict[str, torch.Tensor]:
@@ -93,10 +90,7 @@ def read_checkpoint(path: str | Path) -> Any:
             f"teacher checkpoint not found: {path.resolve()}. Fix teacher.checkpoint, or set "
             "teacher.checkpoint=null to train the teacher once and cache it."
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"cannot read teacher checkpoint {path}: {type(err).__name__}: {err}") from err
+    return load_weights(path, what="teacher checkpoint")
 
 
 def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes: int) -> nn.Module:

@@ -95,8 +95,13 @@ def wandb_logger(
     mode: str = "auto",
     tags: list[str] | None = None,
     log_model: bool = False,
+    run_id: str | None = None,
 ) -> Logger:
-    """A Lightning ``WandbLogger`` whose run lives under ``save_dir/wandb``."""
+    """A Lightning ``WandbLogger`` whose run lives under ``save_dir/wandb``.
+
+    ``run_id``: continue that run (a resumed kdexp run logs into its own W&B run,
+    not a second one).
+    """
     from pytorch_lightning.loggers import WandbLogger
 
     resolved, reason = resolve_wandb_mode(mode)
@@ -113,6 +118,7 @@ def wandb_logger(
         config=config or {},
         mode=resolved,
         log_model=log_model,
+        **({"id": run_id, "resume": "allow"} if run_id else {}),
     )
 
 

@@ -3,28 +3,41 @@
     python -m kdexp.train data=mnist1d student=mlp student.width=128 \\
         kd=hinton kd.temperature=4 kd.alpha=0.9 seed=1
 
-Reads top to bottom: protect a finished output folder, open the run record,
+Reads top to bottom: check the config, claim the output folder (one writer; a
+finished run is never touched, a killed one is resumed), open the run record,
 run the experiment, close W&B, print where everything landed. ``--help`` and
 ``--cfg job`` show the composed config as Hydra does.
+
+Exit codes: 0 finished (or skipped), 2 a problem the user can fix (bad config value,
+busy or finished folder, bad checkpoint, NaN loss; Hydra's own override errors too),
+130 interrupted (Ctrl-C, SIGTERM: run the same command to resume), 1 a crash.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import kdexp  # noqa: F401  (registers the config resolvers)
-from kdexp.errors import KdexpError
-from kdexp.pipeline import base_record, check_output_dir, recorded, run_experiment, with_runtime
+from kdexp.config import to_plain
+from kdexp.errors import ConfigError, KdexpError, RunInterrupted
+from kdexp.files import atomic_write_text
+from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
 from kdexp.records import RECORD_NAME, RunRecorder
+from kdexp.run_folder import claim_run_folder, lock_folder
+from kdexp.validation import validate_config
 
 log = logging.getLogger("kdexp")
 # An absolute path, so the console scripts find conf/ from any working directory.
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+_task_started = False  # Hydra exits 1 both for its own config errors and for crashes; this tells them apart
 
 
 def _in_multirun() -> bool:
@@ -34,16 +47,81 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+@contextmanager
+def log_file_held_back(output_dir: Path) -> Iterator[None]:
+    """Keep Hydra's log file for this run closed until the run owns its folder.
+
+    Hydra attaches ``<run dir>/train.log`` before the task starts. A refused run must
+    not append to a finished run's log, and an archived run's log must move whole, so
+    the handler is detached here and re-attached (opening a fresh file) only once the
+    folder is claimed. On refusal the message goes to the console alone.
+    """
+    root = logging.getLogger()
+    held = [h for h in root.handlers if isinstance(h, logging.FileHandler)
+            and Path(h.baseFilename).resolve().is_relative_to(output_dir.resolve())]
+    for handler in held:
+        root.removeHandler(handler)
+        handler.close()
+    try:
+        yield
+    except BaseException:
+        raise
+    for handler in held:
+        root.addHandler(handler)  # FileHandler(delay=True) reopens the file on the next message
+
+
+def write_hydra_files(output_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/{config,hydra,overrides}.yaml`` as Hydra writes them, once the folder is ours."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = output_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg), what="Hydra config")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}), what="Hydra config")
+        atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+                          what="Hydra config")
+
+
+def record_rejected_config(output_dir: Path, cfg: DictConfig, err: ConfigError) -> None:
+    """Leave a ``failed`` record for a config rejected before it started, in a fresh folder only.
+
+    A folder that holds anything of an earlier run (finished, resumable, or busy) is
+    left exactly as it is: a bad value on the command line must not cost a result.
+    """
+    if output_dir.exists() and any(output_dir.iterdir()):
+        return
+    try:
+        lock = lock_folder(output_dir)
+    except KdexpError:
+        return
+    try:
+        RunRecorder(output_dir, base_record(cfg)).finish("failed", err)
+    finally:
+        lock.release()
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the experiment ``cfg`` describes and return its record (raises on failure)."""
-    cfg = with_runtime(cfg)
+    task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    previous = check_output_dir(output_dir, cfg.if_finished)
-    if previous is not None:
+    with log_file_held_back(output_dir):
+        try:
+            validate_config(cfg)
+        except ConfigError as err:
+            record_rejected_config(output_dir, cfg, err)
+            raise
+        claim = claim_run_folder(output_dir, to_plain(cfg), str(cfg.if_finished), bool(cfg.resume))
+    if claim.action == "skip":
         log.info("Skipping %s: it already holds a finished run.", output_dir)
-        return previous
-    with recorded(RunRecorder(output_dir, base_record(cfg))) as recorder:
-        run_experiment(cfg, recorder)
+        return claim.previous
+    try:
+        write_hydra_files(output_dir, task_cfg)
+        resumes = claim.previous if claim.action == "resume" else None
+        with recorded(RunRecorder(output_dir, base_record(cfg), resumes=resumes)) as recorder:
+            run_experiment(cfg, recorder, resume_from=claim.checkpoint)
+    finally:
+        claim.release()
     record = recorder.record
     metrics = record["metrics"]
     log.info(
@@ -56,15 +134,21 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
+    global _task_started
+    _task_started = True
     try:
         record = run(cfg)
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        # Stop the whole multirun too: an interrupt means "stop", not "skip this run".
+        log.error("kdexp: interrupted: %s", err or "Ctrl-C")
+        sys.exit(EXIT_INTERRUPTED)
     except KdexpError as err:
         # A problem the user can fix: say it plainly, without a traceback.
         log.error("kdexp: %s: %s", type(err).__name__, err)
         if _in_multirun():
             return None  # the record keeps the failure; the other jobs of the sweep go on
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except Exception:
         if not _in_multirun():
             raise
@@ -72,6 +156,16 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("kdexp: this run failed; the sweep goes on")
         return None
     return float(record.get("metrics", {}).get("test/acc", float("nan")))
+
+
+def main() -> None:
+    """Console entry: Hydra's config errors (unknown key, bad override) exit 2 like kdexp's own."""
+    try:
+        hydra_main()
+    except SystemExit as stop:
+        if stop.code == 1 and not _task_started:
+            sys.exit(EXIT_USAGE)
+        raise
 
 
 if __name__ == "__main__":

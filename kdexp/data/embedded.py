@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from filelock import FileLock
 
 from kdexp.data.base import InMemoryDataModule, RawData, stratified_holdout
 from kdexp.errors import DataUnavailableError
+from kdexp.files import atomic_write
 
 
 class MNIST1DDataModule(InMemoryDataModule):
@@ -68,10 +68,14 @@ class MNIST1DDataModule(InMemoryDataModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
                 if not path.exists():
-                    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-                    np.savez(tmp, **self._generate())
-                    os.replace(tmp, path)
-                with np.load(path) as f:
+                    arrays = self._generate()
+
+                    def write(tmp: Path) -> None:
+                        with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name
+                            np.savez(f, **arrays)
+
+                    atomic_write(path, write, what="data cache")
+                with np.load(path, allow_pickle=False) as f:
                     data = {k: f[k] for k in f.files}
         return RawData(
             x_train=data["x"].astype(np.float32),

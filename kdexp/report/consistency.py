@@ -16,23 +16,20 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from kdexp.vocabulary import BOOKKEEPING_GROUPS, BOOKKEEPING_KEYS, PATH_SUFFIXES
 from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_choice_axis, is_kd_scoped, is_teacher_side
 from kdexp.report.values import format_value, is_missing
 
-# Bookkeeping that does not change what a run computes.
-IGNORED_KEYS = frozenset({
+# Bookkeeping that does not change what a run computes (kdexp.vocabulary), plus what a
+# table averages over or compares by identity instead.
+IGNORED_KEYS = BOOKKEEPING_KEYS | {
     "seed", "data.shuffle_seed",  # the seed is what we average over; shuffle_seed is ${seed}
-    "overrides", "group", "tags", "if_finished", "output_dir",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    # choices whose effect is fully visible in the config itself (or is bookkeeping)
-    "choices.logger", "choices.hydra", "choices.paths", "choices.callbacks", "choices.experiment", "choices.debug",
     # where the teacher was loaded from: its identity is its weights hash, compared below
     "teacher.checkpoint",
-})
-IGNORED_GROUPS = ("paths", "logger", "callbacks", "hydra")
-# Folders derived from paths.* (data.cache_dir is ${paths.cache_dir}/data): differ between checkouts.
-IGNORED_SUFFIXES = ("cache_dir", "data_dir", "root_dir", "log_dir", "output_dir", "save_dir")
+}
+IGNORED_GROUPS = BOOKKEEPING_GROUPS
+IGNORED_SUFFIXES = PATH_SUFFIXES
 
 # Identity of what a run learned from; None (a run that failed early) matches anything.
 IDENTITY_KEYS = ("teacher_hash", "data_fingerprint")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from kdexp.report.errors import ReportError
 from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
+from kdexp.vocabulary import flatten_config
 
 # Record fields (not config) a table may key on.
 RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
@@ -25,14 +26,7 @@ SKIPPED_JOB_TYPES = ("teacher", "report")
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts → ``{"kd.temperature": 8.0, ...}`` with normalized values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = normalize(value)
-    return flat
+    return {key: normalize(value) for key, value in flatten_config(tree, prefix).items()}
 
 
 def is_student_record(record: Mapping[str, Any]) -> bool:

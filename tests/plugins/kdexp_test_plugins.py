@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import pytorch_lightning as pl
 from torch import Tensor
 
 from kdexp.objectives import DistillationObjective, HintonKD, ModelOutputs
@@ -35,3 +39,21 @@ class MSELogits(DistillationObjective):
 
         return {"loss_ce": F.cross_entropy(student.logits, targets),
                 "loss_kd": self.weight * F.mse_loss(student.logits, teacher.logits)}
+
+
+
+class StopAt(pl.Callback):
+    """Sends a signal to its own process at (epoch, batch) when ``KDEXP_TEST_STOP_AT=epoch:batch:SIGNAL``
+    is set: the first run of a resume test dies there, and the same command run again (without the
+    variable, which is not part of the config) continues."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get("KDEXP_TEST_STOP_AT")
+        self.at = None
+        if spec:
+            epoch, batch, name = spec.split(":")
+            self.at = (int(epoch), int(batch), getattr(signal, name))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.at and (trainer.current_epoch, batch_idx) == self.at[:2]:
+            os.kill(os.getpid(), self.at[2])

@@ -1,0 +1,97 @@
+"""Reading and writing the files kdexp owns, safely.
+
+Two rules, kept here so every module follows them the same way:
+
+- **Write to a temporary name, then rename.** ``os.replace`` is atomic on one file
+  system, so a kill or a full disk never leaves half a record, cache entry or
+  teacher file that a later run reads as whole.
+- **Load weights, never code.** ``torch.load(weights_only=True)`` refuses a pickle
+  that asks to call anything (``os.system``, a class constructor), so a checkpoint
+  found on disk cannot run code on this machine. A file that needs code to load is
+  refused with a message that says why and what to do instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdexp.errors import CheckpointError, StorageError
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def storage_error(err: OSError, path: str | Path, what: str) -> StorageError:
+    """A one-paragraph explanation of an ``OSError`` met while writing ``path``."""
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "it is not writable (permission denied or a read-only file system)"
+        fix = "choose a writable folder (hydra.run.dir=..., paths.cache_dir=... or KDEXP_CACHE_DIR)"
+    elif err.errno == errno.ENOSPC:
+        reason = "the disk is full"
+        fix = "free space or point the outputs elsewhere (hydra.run.dir=..., KDEXP_CACHE_DIR)"
+    else:
+        reason = f"{type(err).__name__}: {err.strerror or err}"
+        fix = "check the path and the file system"
+    return StorageError(f"cannot write {what} {path}: {reason}. Nothing half-written was left behind; {fix}.")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], what: str = "file") -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(err, path, what) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), what)
+
+
+def atomic_torch_save(path: str | Path, obj: Any, what: str = "checkpoint") -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
+
+
+def load_weights(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load`` that only reads tensors and plain containers; never runs code from the file."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = _unpickling_detail(str(err))
+        if "GLOBAL" in detail:  # e.g. "Trying to load unsupported GLOBAL posix.system ..."
+            raise CheckpointError(
+                f"refused to load {what} {path}: loading it would run code ({detail}). kdexp loads weights "
+                "only (torch.load with weights_only=True), so a file from elsewhere never executes anything here. "
+                "If you trust the file, re-save just its weights: torch.save(model.state_dict(), 'weights.pt')."
+            ) from None
+        raise CheckpointError(f"cannot read {what} {path}: it is not a PyTorch weights file, or it is damaged "
+                              f"({detail}).") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+
+
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+
+
+def _unpickling_detail(message: str) -> str:
+    """The informative line of torch's weights-only error (it wraps it in advice to load unsafely)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    return (useful[0] if useful else (lines[0] if lines else "unreadable")).removeprefix("WeightsUnpickler error: ")

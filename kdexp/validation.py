@@ -1,0 +1,186 @@
+"""Check a composed config before anything is trained, written or downloaded.
+
+Every numeric setting with a valid range is checked for type and range, the
+teacher and student are built once against the data's shape (so ``data=digits``
+with a 1-D teacher fails in a second, naming the teacher group, instead of after
+the teacher trained), and the objective's feature taps are looked up in the
+models. Each message names the config key, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdexp.config import instantiate
+from kdexp.errors import ConfigError, KdexpError
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric config key: its type and bounds (``None``: unbounded)."""
+
+    key: str
+    kind: type  # int or float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    nullable: bool = False
+    example: str = ""
+
+    def describe(self) -> str:
+        kind = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            span = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            span = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            span = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            span = ""
+        text = f"{kind} {span}".strip() + (" or null" if self.nullable else "")
+        return text + (f" (e.g. {self.example})" if self.example else "")
+
+    def check(self, value: Any) -> str | None:
+        """None when ``value`` is valid, else what is wrong with it."""
+        if value is None:
+            return None if self.nullable else "is null"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"is a {type(value).__name__}, not a number"
+        if self.kind is int and isinstance(value, float):
+            return "is not a whole number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "is not finite"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return "is out of range"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return "is out of range"
+        return None
+
+
+MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
+
+RANGES: tuple[Range, ...] = (
+    Range("seed", int, 0, MAX_SEED, example="seed=1"),
+    Range("num_threads", int, 1, nullable=True, example="num_threads=1"),
+    Range("trainer.max_epochs", int, 1, example="trainer.max_epochs=100"),
+    Range("trainer.gradient_clip_val", float, 0, nullable=True),
+    Range("data.batch_size", int, 1, example="data.batch_size=100"),
+    Range("data.eval_batch_size", int, 1),
+    Range("data.val_fraction", float, 0, 1, low_open=True, high_open=True, example="data.val_fraction=0.1"),
+    Range("data.test_fraction", float, 0, 1, low_open=True, high_open=True),
+    Range("data.split_seed", int, 0, MAX_SEED),
+    Range("data.generator_seed", int, 0, MAX_SEED),
+    Range("student.width", int, 1, example="student.width=128"),
+    Range("student.depth", int, 1, example="student.depth=2"),
+    Range("teacher.model.width", int, 1),
+    Range("teacher.model.depth", int, 1),
+    Range("teacher.max_epochs", int, 1, example="teacher.max_epochs=160"),
+    Range("teacher.seed", int, 0, MAX_SEED),
+    Range("teacher.optimizer.lr", float, 0, low_open=True),
+    Range("kd.temperature", float, 0, low_open=True, example="kd.temperature=4"),
+    Range("kd.alpha", float, 0, 1, example="kd.alpha=0.9"),
+    Range("kd.label_smoothing", float, 0, 1, high_open=True),
+    Range("optimizer.lr", float, 0, low_open=True, example="optimizer.lr=0.003"),
+    Range("optimizer.weight_decay", float, 0),
+    Range("optimizer.momentum", float, 0, 1),
+    Range("scheduler.T_max", int, 1),
+)
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "if_finished": ("error", "skip", "rerun"),
+    "resume": (True, False),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at ``key`` or ``_UNSET``; an interpolation that cannot resolve is a config error."""
+    try:
+        return OmegaConf.select(cfg, key, default=_UNSET, throw_on_missing=True)
+    except Exception as err:  # omegaconf's errors for missing values and broken interpolations
+        raise ConfigError(f"{key} cannot be resolved: {err}") from None
+
+
+def check_values(cfg: DictConfig) -> list[str]:
+    """Every out-of-range or mistyped value, as one message line each."""
+    problems = []
+    for rule in RANGES:
+        value = _get(cfg, rule.key)
+        if value is _UNSET:
+            continue
+        why = rule.check(value)
+        if why:
+            problems.append(f"{rule.key}={value!r} {why}: it must be {rule.describe()}.")
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not _UNSET and value not in allowed:
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+            problems.append(f"{key}={value!r} is not an option: it must be one of {shown}.")
+    return problems
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    return str((cfg.get("choices") or {}).get(group, group))
+
+
+def _build(cfg: DictConfig, node: DictConfig, group: str, label: str) -> Any:
+    """Instantiate ``node``; a model that does not fit the data names its own group."""
+    try:
+        return instantiate(node, what=label)
+    except ConfigError as err:
+        data = _choice(cfg, "data")
+        raise ConfigError(f"{group}={_choice(cfg, group)} does not fit data={data}: {err} "
+                          f"(the problem is in the {group} group: pick another {group}=... or fix {label}.*)") from None
+
+
+def _check_taps(model: torch.nn.Module, paths: tuple[str, ...], group: str, cfg: DictConfig) -> None:
+    names = {name for name, _ in model.named_modules() if name}
+    for path in paths:
+        if path not in names:
+            raise ConfigError(
+                f"the objective kd={_choice(cfg, 'kd')} taps '{path}' in the {group} ({group}={_choice(cfg, group)}), "
+                f"which has no such submodule; valid paths: {', '.join(sorted(names)) or '(none)'}."
+            )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` on the first kind of problem found, listing every instance of it."""
+    problems = check_values(cfg)
+    if problems:
+        raise ConfigError("invalid config value" + ("s" if len(problems) > 1 else "") + ":\n  "
+                          + "\n  ".join(problems))
+    # Build each part once, on the CPU, to prove the parts fit together. These throwaway
+    # instances use the global RNG; the run reseeds before building the real ones.
+    with torch.random.fork_rng(devices=[]):
+        teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
+        student = _build(cfg, cfg.student, "student", "student")
+        objective = _build(cfg, cfg.kd, "kd", "kd")
+    _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
+    _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
+    _check_forward(cfg, teacher, "teacher")
+    _check_forward(cfg, student, "student")
+
+
+def _check_forward(cfg: DictConfig, model: torch.nn.Module, group: str) -> None:
+    """One forward pass on a dummy batch of the data's shape: the logits must have one column per class."""
+    shape = [int(d) for d in cfg.data.input_shape]
+    num_classes = int(cfg.data.num_classes)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(2, *shape))
+    except KdexpError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{group}={_choice(cfg, group)} cannot take data={_choice(cfg, 'data')} inputs of shape "
+                          f"{shape}: {type(err).__name__}: {err}") from None
+    if tuple(logits.shape) != (2, num_classes):
+        raise ConfigError(f"{group}={_choice(cfg, group)} gives outputs of shape {list(logits.shape[1:])} for "
+                          f"data={_choice(cfg, 'data')}, which has {num_classes} classes.")

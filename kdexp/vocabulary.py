@@ -1,0 +1,58 @@
+"""Names that training, sweeps and reports share, kept in one place.
+
+Bookkeeping keys are config settings that do not change what a run computes
+(where files go, how W&B is reached, what to do with a finished folder). Reports
+ignore them when deciding which runs may share a table cell, and a killed run is
+resumed only into a run whose config agrees on everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Settings that do not change what a run computes.
+BOOKKEEPING_KEYS = frozenset({
+    "overrides", "group", "tags", "if_finished", "resume", "output_dir",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    # choices whose effect is fully visible in the config itself (or is bookkeeping)
+    "choices.logger", "choices.hydra", "choices.paths", "choices.callbacks", "choices.experiment", "choices.debug",
+})
+BOOKKEEPING_GROUPS = ("paths", "logger", "callbacks", "hydra")
+# Folders derived from paths.* (data.cache_dir is ${paths.cache_dir}/data): differ between checkouts.
+PATH_SUFFIXES = ("cache_dir", "data_dir", "root_dir", "log_dir", "output_dir", "save_dir")
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → ``{"kd.temperature": 8.0, ...}`` (an empty dict stays a leaf)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def is_bookkeeping(key: str) -> bool:
+    """A dotted config path that does not change what a run computes."""
+    if key in BOOKKEEPING_KEYS or key.endswith(PATH_SUFFIXES):
+        return True
+    return any(key == g or key.startswith(f"{g}.") for g in BOOKKEEPING_GROUPS)
+
+
+def run_identity(config: Mapping[str, Any]) -> dict[str, str]:
+    """What makes two runs the same computation: the flattened config minus bookkeeping.
+
+    Values are compared by their JSON text with ints and floats unified, so a config
+    read back from a record equals the live one (``8`` == ``8.0``).
+    """
+    import json
+
+    def canonical(value: Any) -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        return json.dumps(value, sort_keys=True, default=str)
+
+    return {k: canonical(v) for k, v in flatten_config(config).items() if not is_bookkeeping(k)}
