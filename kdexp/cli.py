@@ -32,6 +32,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                         help="slurm: one SLURM job per run through submitit (conf/hydra/launcher/slurm.yaml)")
     parser.add_argument("--dir", type=Path, default=None, help="sweep folder; default outputs/sweeps/<name>")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
+    parser.add_argument("--sample-seed", type=int, default=0,
+                        help="method: random: the seed that draws run_cap points from the grid (default 0)")
     parser.add_argument("--force", action="store_true",
                         help="rerun finished runs too (their files are archived, never deleted)")
     parser.add_argument("--wandb", action="store_true",
@@ -49,7 +51,8 @@ def sweep_main(argv: list[str]) -> int:
         raise KdexpError(f"--jobs must be >= 1, got {args.jobs}.")
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
-    points = sweep.grid(spec, args.overrides)
+    points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
+    sweep.check_points(points, args.overrides)  # every point composes and validates, or nothing runs
     if args.dry_run:
         print(sweep.dry_run(points, sweep_dir, args.force))
         return 0

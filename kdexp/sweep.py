@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import open_dict
 
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.records import RECORD_NAME, read_record
@@ -45,12 +48,31 @@ def hydra_value(value: Any) -> str:
     return str(value)
 
 
+LOCAL_METHODS = ("grid", "random")
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML in ``path``, or one paragraph naming the line and column that does not parse."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
+                          + ". Compare with a shipped file in sweeps/.") from None
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; only explicit ``value``/``values`` run locally."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}. The shipped ones are in sweeps/ (see sweeps/README.md).")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping (method, metric, parameters, command), "
+                          f"not a {type(raw).__name__}.")
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{path}: a sweep file needs a 'parameters' mapping of config paths to value/values.")
@@ -65,6 +87,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: parameter '{key}': 'values' must be a non-empty list.")
         axes[str(key)] = values
+    method = str(raw.get("method", "grid"))
+    if method == "bayes":
+        raise ConfigError(f"{path}: method: bayes needs the W&B sweep server to choose each next run from the "
+                          "results so far; run it with `kdexp sweep FILE --wandb` (then `wandb agent`), or use "
+                          "method: grid or random locally.")
+    if method not in LOCAL_METHODS:
+        raise ConfigError(f"{path}: method must be grid, random or bayes; got '{method}'.")
+    if method == "random":
+        cap = raw.get("run_cap")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ConfigError(f"{path}: method: random needs run_cap (a positive integer: how many runs to "
+                              f"sample from the grid); got {cap!r}.")
     return SweepSpec(name=str(raw.get("name") or path.stem), raw=raw, axes=axes)
 
 
@@ -86,13 +120,63 @@ def sweep_axes(spec: SweepSpec, overrides: list[str] | None = None) -> dict[str,
     return axes
 
 
-def grid(spec: SweepSpec, overrides: list[str] | None = None) -> list[GridPoint]:
-    """Every run of the sweep (the cartesian product of its axes), as W&B's grid search expands it."""
+def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int = 0) -> list[GridPoint]:
+    """Every run of the sweep, as W&B expands it: the cartesian product of the axes for
+    ``method: grid``; for ``method: random``, ``run_cap`` distinct points of that product,
+    drawn with ``sample_seed`` (the same seed, the same runs)."""
     # hydra.* settings (launcher, partition) shape how runs are executed, not which runs exist.
     axes = {k: vs for k, vs in sweep_axes(spec, overrides).items()
             if not k.lstrip("+~").startswith(("hydra.", "hydra/"))}
     keys = list(axes)
-    return [tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*axes.values())]
+    points = [tuple(sorted(f"{k}={v}" for k, v in zip(keys, combo))) for combo in itertools.product(*axes.values())]
+    if spec.raw.get("method") == "random":
+        rng = random.Random(sample_seed)
+        chosen = sorted(rng.sample(range(len(points)), min(int(spec.raw["run_cap"]), len(points))))
+        points = [points[i] for i in chosen]
+    return points
+
+
+def check_points(points: list[GridPoint], overrides: list[str]) -> None:
+    """Compose and validate every grid point before anything runs; one message lists all that fail.
+
+    Catches what would otherwise abort the multirun at its first bad job (an option
+    that does not exist, ``kd: hintn``) or fail each run on its own (``kd.temperature=-1``).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdexp.train import CONF_DIR
+    from kdexp.validation import validate_config
+
+    extra = [o for o in overrides if "=" in o and not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    single = {o.split("=", 1)[0]: o for o in extra if "," not in o.split("=", 1)[1]}
+    problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        for point in points:
+            keys = {item.split("=", 1)[0] for item in point}
+            job = [*point, *(o for k, o in single.items() if k not in keys)]
+            try:
+                cfg = compose("train", overrides=[*job, "paths.root_dir=.", "paths.output_dir=."],
+                              return_hydra_config=False)
+                with open_dict(cfg):
+                    cfg.choices = _choices_of(point)
+                validate_config(cfg)
+            except Exception as err:  # Hydra's composition errors and kdexp's ConfigError alike
+                message = " ".join(str(err).split()).split(" Config search path")[0]
+                problems.setdefault(message[:400], []).append(point)
+    GlobalHydra.instance().clear()
+    if problems:
+        failing = sum(len(v) for v in problems.values())
+        lines = [f"  {message}\n    {len(hit)} run{'s' * (len(hit) > 1)}, e.g. {' '.join(hit[0])}"
+                 for message, hit in problems.items()]
+        raise ConfigError(f"{failing} of {len(points)} runs cannot start; nothing was run. Fix the sweep file or "
+                          "the overrides:\n" + "\n".join(lines))
+
+
+def _choices_of(point: GridPoint) -> dict[str, str]:
+    """Group choices named in a grid point (``kd=hinton``), for messages that name the group."""
+    return {k: v for k, v in (item.split("=", 1) for item in point) if "." not in k}
 
 
 # --launcher / --jobs → the Hydra launcher plugin they need, and how to install it.
@@ -145,6 +229,11 @@ def collect(sweep_dir: Path) -> dict[GridPoint, tuple[Path, dict[str, Any]]]:
     return found
 
 
+def unreadable_records(sweep_dir: Path) -> list[Path]:
+    """Run records under ``sweep_dir`` that exist but cannot be read (cut short, edited by hand)."""
+    return [path for path in sorted(sweep_dir.glob(f"*/{RECORD_NAME}")) if read_record(path.parent) is None]
+
+
 def finished_points(sweep_dir: Path) -> set[GridPoint]:
     """The grid points whose record under ``sweep_dir`` says finished."""
     return {point for point, (_, record) in collect(sweep_dir).items() if record.get("status") == "finished"}
@@ -168,7 +257,8 @@ def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint])
                             f"{str(error.get('message', ''))[:300]}  ({folder})")
         elif status != "finished":
             counts["missing"] += 1
-            failures.append(f"  missing   {' '.join(point)}")
+            why = f" ({status}: run the sweep again to resume it)" if status in ("interrupted", "running") else ""
+            failures.append(f"  missing   {' '.join(point)}{why}")
         elif point in skipped:
             counts["skipped"] += 1
         else:
@@ -188,20 +278,70 @@ def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool) -> str:
     return "\n".join(lines + [f"{len(points)} runs in {sweep_dir}"])
 
 
+def _die_with_parent() -> None:
+    """In the multirun child: get SIGTERM if the ``kdexp sweep`` process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C and SIGTERM are still forwarded by run_local
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM the multirun's process group (runs save last.ckpt and record ``interrupted``), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sweep_dir: Path, jobs: int = 1,
               force: bool = False, launcher: str = "local") -> int:
-    """Run the grid (``points``, from :func:`grid`) as one Hydra multirun; returns 0 when every run finished."""
+    """Run the grid (``points``, from :func:`grid`) as one Hydra multirun; returns 0 when every run finished.
+
+    The multirun runs in its own process group, and Ctrl-C, SIGTERM or the death of
+    this process stop all of it: no run keeps training after its sweep is gone.
+    Interrupted runs record ``interrupted`` and resume when the sweep is run again.
+    """
     command = multirun_command(spec, sweep_dir, overrides, jobs, launcher)
     print(f"kdexp sweep {spec.name}: {len(points)} runs, {jobs} worker(s) → {sweep_dir}", flush=True)
     print("  " + " ".join(command[1:]), flush=True)
+    for path in unreadable_records(sweep_dir):
+        print(f"  unreadable record {path}: that run is run again (its old files are archived first)", flush=True)
     skipped = set() if force else finished_points(sweep_dir)
     started = time.time()
-    proc = subprocess.run(command, env=worker_env(jobs, "rerun" if force else "skip"))
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    proc = subprocess.Popen(command, env=worker_env(jobs, "rerun" if force else "skip"), start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    interrupted = False
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nkdexp sweep: interrupted; stopping the runs (each saves its progress) ...", flush=True)
+        _stop_group(proc)
+        returncode = proc.returncode
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     text, counts = summarize(points, sweep_dir, skipped)
     print(f"\n{text}\n  wall time {time.time() - started:.0f} s", flush=True)
-    if proc.returncode != 0:
-        print(f"  the multirun itself exited with code {proc.returncode}", flush=True)
-    return 0 if proc.returncode == 0 and counts["failed"] == counts["missing"] == 0 else 1
+    if interrupted:
+        print("  interrupted: run the same command again to finish the grid (unfinished runs resume)", flush=True)
+        return 130
+    if returncode != 0:
+        print(f"  the multirun itself exited with code {returncode}", flush=True)
+    return 0 if returncode == 0 and counts["failed"] == counts["missing"] == 0 else 1
 
 
 def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:

@@ -83,15 +83,52 @@ def test_rerun_skips_finished_runs_and_force_archives_then_reruns(smoke):
     assert list(changed[0].parent.glob("archive/*/checkpoints/best.ckpt"))
 
 
-def test_a_bad_value_fails_alone_and_the_grid_finishes(smoke, tmp_path):
+def test_a_run_that_fails_fails_alone_and_the_grid_finishes(smoke, tmp_path):
+    """A NaN in one grid point: recorded as failed, the other point finishes."""
     base, _ = smoke
-    proc = sweep_cli([str(SMOKE), *FAST, "kd.temperature=-1,2", "kd.alpha=0.5", "student.width=16", "seed=1",
+    proc = sweep_cli([str(SMOKE), *FAST, "kd._target_=kdexp_test_plugins.ExplodingKD", "+kd.explode_after=3,100000",
+                      "kd.temperature=2", "kd.alpha=0.5", "student.width=16", "seed=1",
                       "--dir", str(tmp_path / "bad")], base / "cache")
     assert proc.returncode == 1
     assert "2 runs — 1 finished, 0 skipped (already finished), 1 failed" in proc.stdout
-    assert "ConfigError: kd.temperature must be > 0, got -1" in proc.stdout
-    statuses = sorted((r["config"]["kd"]["temperature"], r["status"]) for r in records_in(tmp_path / "bad"))
-    assert statuses == [(-1, "failed"), (2, "finished")]
+    assert "NonFiniteLossError: training loss became nan at global step 3" in proc.stdout
+    statuses = sorted((r["config"]["kd"]["explode_after"], r["status"]) for r in records_in(tmp_path / "bad"))
+    assert statuses == [(3, "failed"), (100000, "finished")]
+
+
+def test_every_grid_point_is_checked_before_anything_runs(tmp_path):
+    proc = sweep_cli([str(SMOKE), *FAST, "kd=none,hinton,hintn", "kd.temperature=-1,2", "--dir", str(tmp_path / "s")],
+                     tmp_path / "cache")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot start; nothing was run" in proc.stderr
+    assert "kd.temperature=-1 is out of range" in proc.stderr and "Could not find 'kd/hintn'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("method: grid\nparameters:\n  seed: {values: [1, 2]\n", "not valid YAML at line 4, column 1"),
+    ("method: bayes\nparameters:\n  seed: {values: [1, 2]}\n", "method: bayes needs the W&B sweep server"),
+    ("method: random\nparameters:\n  seed: {values: [1, 2]}\n", "method: random needs run_cap"),
+    ("method: hyperband\nparameters:\n  seed: {values: [1, 2]}\n", "method must be grid, random or bayes"),
+    ("- a list\n", "a sweep file is a mapping"),
+])
+def test_sweep_file_problems_are_one_paragraph(tmp_path, text, fragment):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("(", "\\(")):
+        load_sweep(path)
+    proc = sweep_cli([str(path), "--dry-run"], tmp_path / "cache")
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_random_method_samples_run_cap_points_reproducibly(tmp_path):
+    path = tmp_path / "random.yaml"
+    path.write_text(SMOKE.read_text().replace("method: grid", "method: random\nrun_cap: 5"))
+    spec = load_sweep(path)
+    first, again, other = grid(spec), grid(spec), grid(spec, sample_seed=1)
+    assert len(first) == 5 == len(set(first)) and set(first) <= set(grid(load_sweep(SMOKE)))
+    assert first == again and first != other
 
 
 def test_wandb_sweep_needs_the_server(tmp_path):
@@ -110,7 +147,7 @@ def test_sweep_file_errors_are_explained(tmp_path):
 
 def test_shipped_sweeps_parse_and_have_the_documented_size():
     sizes = {p.stem: len(grid(load_sweep(p))) for p in (ROOT / "sweeps").glob("*.yaml")}
-    assert sizes == {"hinton_grid": 36, "ce_baseline": 6, "smoke": 16, "smoke_baseline": 4}
+    assert sizes == {"hinton_grid": 120, "ce_baseline": 20, "smoke": 16, "smoke_baseline": 4}
 
 
 def test_a_parallel_sweep_run_equals_the_same_run_alone(smoke, tmp_path):
