@@ -21,7 +21,7 @@ from filelock import FileLock
 from torch import nn
 
 from kdexp.errors import CheckpointError
-from kdexp.files import atomic_torch_save, load_weights
+from kdexp.files import atomic_torch_save, load_weights, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +141,49 @@ def provision_teacher(
 
     folder = cache_dir / cache_key
     path = folder / TEACHER_FILE
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".lock"))
-    with lock:  # exactly one process trains; the others wait here, then load
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".lock"))
+        lock.acquire()
+    except OSError as err:
+        if path.is_file():  # a read-only shared cache still serves the teachers it holds
+            log.info("Teacher cache %s is not writable (%s); reading the cached teacher without a lock.",
+                     folder, err.strerror)
+            return load_cached_teacher(build_model, path, num_classes, cache_key, evaluate)
+        raise storage_error(err, folder, "teacher cache folder") from err
+    try:  # exactly one process trains; the others wait here, then load
         if path.is_file():
-            blob = read_checkpoint(path)
-            model = apply_checkpoint(build_model(), blob, path, num_classes)
-            meta = blob["kdexp_meta"]
-            log.info("Reusing cached teacher %s (test acc %.4f)", path, meta["test_acc"])
-            return Teacher(model.eval(), meta["weights_hash"], meta["test_acc"], "cache", str(path), cache_key)
+            return load_cached_teacher(build_model, path, num_classes, cache_key, evaluate)
         log.info("No cached teacher under %s: training it now (once for all runs that share it)", folder)
         model = build_model()
         test_acc = train(model, folder)
         meta = {"test_acc": float(test_acc), "weights_hash": weights_hash(model), "cache_key": cache_key}
         save_teacher(path, model, meta)
         return Teacher(model.eval(), meta["weights_hash"], float(test_acc), "trained", str(path), cache_key)
+    finally:
+        lock.release()
+
+
+def load_cached_teacher(build_model: Callable[[], nn.Module], path: Path, num_classes: int, cache_key: str,
+                        evaluate: Callable[[nn.Module], float]) -> Teacher:
+    """Load a cached teacher and verify it: the record states what was loaded, not what the file claims.
+
+    The weights are hashed as loaded and must match the hash stored when the teacher
+    was trained (a replaced file is refused); the test accuracy is measured again.
+    """
+    blob = read_checkpoint(path)
+    model = apply_checkpoint(build_model(), blob, path, num_classes)
+    meta = blob.get("kdexp_meta") or {}
+    loaded = weights_hash(model)
+    if loaded != meta.get("weights_hash"):
+        raise CheckpointError(
+            f"cached teacher {path} holds weights (hash {loaded}) other than the ones stored when it was trained "
+            f"(hash {meta.get('weights_hash')}): the file was changed after it was written. Delete {path.parent} "
+            "to train the teacher again, or pass the file as teacher.checkpoint=... to use it as it is."
+        )
+    test_acc = evaluate(model)
+    if meta.get("test_acc") is not None and abs(test_acc - float(meta["test_acc"])) > 1e-6:
+        log.warning("Cached teacher %s: test accuracy measured now %.4f, stored %.4f (another CPU kind or "
+                    "torch build?); the record keeps the measured value.", path, test_acc, meta["test_acc"])
+    log.info("Reusing cached teacher %s (hash %s, test acc %.4f)", path, loaded, test_acc)
+    return Teacher(model.eval(), loaded, test_acc, "cache", str(path), cache_key)

@@ -19,20 +19,30 @@ def _fit_tiny(model: torch.nn.Module, folder: Path) -> float:
     with open(folder.parent / "train_calls.log", "a") as f:
         f.write(f"{folder.name}\n")
     time.sleep(1.0)  # long enough for the other process to reach the lock
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    x, y = _tiny_data()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(20):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+    return _accuracy(model)
+
+
+def _tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(64, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module) -> float:
+    x, y = _tiny_data()
     return float((model(x).argmax(-1) == y).float().mean())
 
 
 def provision_tiny(cache: Path, key: str) -> Teacher:
     """Provision a tiny MLP teacher (no checkpoint) under ``cache/key``, training it with ``_fit_tiny``."""
     return provision_teacher(lambda: MLP([4], 3, width=8), None, 3, cache, key, train=_fit_tiny,
-                             evaluate=lambda m: 0.0)
+                             evaluate=_accuracy)
 
 
 def _provision(cache: str, out: "mp.Queue") -> None:
@@ -79,3 +89,23 @@ def test_unreadable_checkpoint_is_explained(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read teacher checkpoint"):
         load_teacher_weights(MLP([4], 3), path, num_classes=3)
+
+
+def test_a_cached_teacher_whose_weights_were_replaced_is_refused(tmp_path):
+    trained = provision_tiny(tmp_path, "k")
+    path = Path(trained.path)
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"] = {k: v + 1.0 for k, v in blob["state_dict"].items()}  # meta still claims the old hash
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="other than the ones stored when it was trained"):
+        provision_tiny(tmp_path, "k")
+
+
+def test_a_cache_hit_reports_the_accuracy_measured_now(tmp_path):
+    trained = provision_tiny(tmp_path, "k")
+    path = Path(trained.path)
+    blob = torch.load(path, weights_only=True)
+    blob["kdexp_meta"]["test_acc"] = 0.999  # a stale or edited claim
+    torch.save(blob, path)
+    again = provision_tiny(tmp_path, "k")
+    assert again.test_acc == trained.test_acc != 0.999

@@ -57,3 +57,43 @@ class StopAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at and (trainer.current_epoch, batch_idx) == self.at[:2]:
             os.kill(os.getpid(), self.at[2])
+
+
+class BrokenInit(DistillationObjective):
+    """A user objective whose constructor has a bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        raise ValueError("my objective is not ready yet")
+
+
+class TapsAMissingLayer(HintonKD):
+    """Hinton KD that asks for a student feature the model does not have."""
+
+    student_features = ("no_such_layer",)
+
+
+class ParametricKD(HintonKD):
+    """Hinton KD with a learnable part (like a FitNets regressor): its initialisation must be seeded."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        import torch
+
+        self.scale = torch.nn.Parameter(torch.rand(1) + 0.5)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+        terms = super().forward(ModelOutputs(student.logits * self.scale, student.features), teacher, targets)
+        return terms
+
+
+class SlowDown(pl.Callback):
+    """Sleeps after every training batch: keeps a run alive long enough for a concurrency test."""
+
+    def __init__(self, seconds_per_batch: float = 0.05) -> None:
+        self.seconds_per_batch = seconds_per_batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds_per_batch)
