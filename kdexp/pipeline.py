@@ -25,6 +25,7 @@ from kdexp.config import instantiate, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import ConfigError, RunInterrupted
+from kdexp.files import load_weights
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
 from kdexp.records import RunRecorder
@@ -123,6 +124,8 @@ def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMe
     Checkpoints are read weights-only: resuming never runs code from a file.
     """
     preemption_signals_stop_gracefully(trainer)
+    if ckpt_path is not None:
+        load_weights(ckpt_path, what="checkpoint to resume from")  # refuses, with a clear message, a file that runs code
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
+WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run goes offline (W&B's default: 90)
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
 RUN_CONFIG_EXTRAS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "student_parameters",
@@ -65,23 +66,29 @@ def resolve_wandb_mode(requested: str = "auto") -> tuple[str, str]:
     """The mode to start W&B in, and why.
 
     ``WANDB_MODE`` in the environment wins; otherwise an explicit ``requested``
-    mode; otherwise online only with credentials and a reachable server.
+    mode; otherwise online only with credentials. Online, from any source, also
+    needs the server to answer within 2 s: W&B trouble never stalls a run, it
+    logs offline (``wandb sync`` uploads it later).
     """
     env_mode = os.environ.get("WANDB_MODE")
     if env_mode:
         mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
-        return mode, f"WANDB_MODE={env_mode} in the environment"
-    if requested != "auto":
+        reason = f"WANDB_MODE={env_mode} in the environment"
+    elif requested != "auto":
         if requested not in WANDB_MODES:
             from kdexp.errors import ConfigError
 
             raise ConfigError(f"logger.mode must be auto, {', '.join(WANDB_MODES)}; got '{requested}'.")
-        return requested, f"logger.mode={requested}"
-    if not has_wandb_credentials():
+        mode, reason = requested, f"logger.mode={requested}"
+    elif not has_wandb_credentials():
         return "offline", "no W&B credentials (run `wandb login` to log online)"
-    if not wandb_server_reachable():
-        return "offline", "W&B credentials found but the server is unreachable"
-    return "online", "W&B credentials found and the server is reachable"
+    else:
+        mode, reason = "online", "W&B credentials found"
+    if mode == "online" and not wandb_server_reachable():
+        log.warning("W&B: %s asks for online logging, but the server (%s) does not answer: logging offline; "
+                    "upload later with `wandb sync`.", reason, os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+        return "offline", f"{reason}, but the server is unreachable"
+    return mode, reason + (" and the server is reachable" if mode == "online" else "")
 
 
 def wandb_logger(
@@ -104,22 +111,31 @@ def wandb_logger(
     """
     from pytorch_lightning.loggers import WandbLogger
 
+    import wandb
+
     resolved, reason = resolve_wandb_mode(mode)
     log.info("W&B mode: %s (%s)", resolved, reason)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
-        name=run_name,
-        save_dir=str(save_dir),
-        project=project,
-        entity=entity,
-        group=group,
-        job_type=job_type,
-        tags=list(tags or []),
-        config=config or {},
-        mode=resolved,
-        log_model=log_model,
-        **({"id": run_id, "resume": "allow"} if run_id else {}),
-    )
+
+    def make(mode_now: str) -> WandbLogger:
+        logger = WandbLogger(
+            name=run_name, save_dir=str(save_dir), project=project, entity=entity, group=group, job_type=job_type,
+            tags=list(tags or []), config=config or {}, mode=mode_now, log_model=log_model,
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
+        )
+        logger.experiment  # start the run now, so a failure to start is handled here, not mid-fit  # noqa: B018
+        return logger
+
+    if resolved != "online":
+        return make(resolved)
+    try:
+        return make("online")
+    except Exception as err:  # a rejected key, a server error, a timeout: never the end of the run
+        log.warning("W&B could not start an online run (%s: %s): logging this run offline instead; upload it "
+                    "later with `wandb sync`.", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        finish_wandb(exit_code=1)
+        return make("offline")
 
 
 def csv_logger(save_dir: str | Path, run_name: str, **_: Any) -> Logger:

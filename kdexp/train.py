@@ -158,8 +158,27 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return float(record.get("metrics", {}).get("test/acc", float("nan")))
 
 
+def prepare_output_dirs(argv: list[str]) -> None:
+    """Create a ``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line, or explain why not.
+
+    Hydra creates the folder itself before any kdexp code runs, and an unwritable
+    place would end in its raw PermissionError traceback.
+    """
+    from kdexp.files import storage_error
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                Path(value).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                print(f"kdexp: StorageError: {storage_error(err, value, 'run folder')}", file=sys.stderr)
+                sys.exit(EXIT_USAGE)
+
+
 def main() -> None:
     """Console entry: Hydra's config errors (unknown key, bad override) exit 2 like kdexp's own."""
+    prepare_output_dirs(sys.argv[1:])
     try:
         hydra_main()
     except SystemExit as stop:

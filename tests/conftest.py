@@ -50,7 +50,7 @@ def compose_config(overrides: list[str], tmp_path: Path, keep_hydra: bool = Fals
 
 
 def run_cli(args: list[str], cache: Path, *, module: str = "kdexp.train", cwd: Path = ROOT, timeout: int = 600,
-            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            extra_env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m kdexp.train ARGS`` (or another module) as a user would, W&B offline.
 
     The environment is set here, not only by ``offline_wandb``: module-scoped
@@ -59,7 +59,11 @@ def run_cli(args: list[str], cache: Path, *, module: str = "kdexp.train", cwd: P
     env = dict(os.environ)
     env.update({"KDEXP_CACHE_DIR": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                 "PYTHONPATH": f"{PLUGINS}{os.pathsep}{env.get('PYTHONPATH', '')}"})
-    env.update(extra_env or {})
+    for key, value in (extra_env or {}).items():  # None removes a variable
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

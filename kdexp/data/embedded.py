@@ -12,7 +12,7 @@ from filelock import FileLock
 
 from kdexp.data.base import InMemoryDataModule, RawData, stratified_holdout
 from kdexp.errors import DataUnavailableError
-from kdexp.files import atomic_write
+from kdexp.files import atomic_write, storage_error
 
 
 class MNIST1DDataModule(InMemoryDataModule):
@@ -57,6 +57,34 @@ class MNIST1DDataModule(InMemoryDataModule):
         data = make_dataset(self._generator_args())
         return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
 
+    def _cached_arrays(self, path: Path) -> dict[str, np.ndarray]:
+        """The generated arrays, from ``path`` or generated once and written there under a lock.
+
+        A read-only cache that already holds the file is read without the lock.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path) + ".lock")
+            lock.acquire()
+        except OSError as err:
+            if not path.exists():
+                raise storage_error(err, path.parent, "data cache folder") from err
+            lock = None
+        try:
+            if not path.exists():
+                arrays = self._generate()
+
+                def write(tmp: Path) -> None:
+                    with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name
+                        np.savez(f, **arrays)
+
+                atomic_write(path, write, what="data cache")
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        finally:
+            if lock is not None:
+                lock.release()
+
     def load_raw(self) -> RawData:
         if self.cache_dir is None:
             data = self._generate()
@@ -65,18 +93,7 @@ class MNIST1DDataModule(InMemoryDataModule):
                 {"seed": self.generator_seed, "n": self.num_samples, "split": self.train_split}, sort_keys=True
             )
             path = Path(self.cache_dir) / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
-                if not path.exists():
-                    arrays = self._generate()
-
-                    def write(tmp: Path) -> None:
-                        with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name
-                            np.savez(f, **arrays)
-
-                    atomic_write(path, write, what="data cache")
-                with np.load(path, allow_pickle=False) as f:
-                    data = {k: f[k] for k in f.files}
+            data = self._cached_arrays(path)
         return RawData(
             x_train=data["x"].astype(np.float32),
             y_train=data["y"].astype(np.int64),
