@@ -63,19 +63,28 @@ class StopWatcher(pl.Callback):
         self.exception = exception
 
 
-def preemption_signals_stop_gracefully(trainer: pl.Trainer) -> None:
-    """Make SIGUSR1 (SLURM's pre-emption warning) stop training like SIGTERM does.
+@contextmanager
+def preemption_signals_stop_gracefully(trainer: pl.Trainer) -> Iterator[None]:
+    """While fitting, make SIGUSR1 (SLURM's pre-emption warning) stop training like SIGTERM does.
 
     Lightning stops after the current batch on SIGTERM (its signal connector), and the
-    ``last_checkpoint`` callback (``save_on_exception``) then writes ``last.ckpt``. On
-    SLURM with auto-requeue Lightning handles SIGUSR1 itself; elsewhere it is routed
-    to the same graceful stop instead of killing the process outright.
+    ``last_checkpoint`` callback (``save_on_exception``) then writes ``last.ckpt``. Under
+    SLURM, Lightning's own SIGUSR1 handler (checkpoint and requeue) stays in charge, as
+    does any handler installed before (submitit's); elsewhere SIGUSR1 would kill the
+    process outright, so it is routed to the same graceful stop.
     """
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
     connector = getattr(trainer, "_signal_connector", None)
-    if connector is None or not hasattr(signal, "SIGUSR1"):
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if connector is None or usr1 is None or SLURMEnvironment.detect() or signal.getsignal(usr1) != signal.SIG_DFL:
+        yield
         return
-    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(connector, "received_sigterm", True))
+    signal.signal(usr1, lambda signum, frame: setattr(connector, "received_sigterm", True))
+    try:
+        yield
+    finally:
+        signal.signal(usr1, signal.SIG_DFL)
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_epochs: int | None = None) -> pl.Trainer:
@@ -123,12 +132,12 @@ def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMe
 
     Checkpoints are read weights-only: resuming never runs code from a file.
     """
-    preemption_signals_stop_gracefully(trainer)
     if ckpt_path is not None:
         load_weights(ckpt_path, what="checkpoint to resume from")  # refuses, with a clear message, a file that runs code
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=True)
+        with preemption_signals_stop_gracefully(trainer):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                        weights_only=True)
     except SystemExit as stop:
         raise_if_interrupted(trainer, stop)
         raise

@@ -34,7 +34,8 @@ def uninterrupted(tmp_path_factory):
     return base, load_record(base / "whole")
 
 
-@pytest.mark.parametrize("stop, exit_code, status", [("SIGKILL", -9, "running"), ("SIGTERM", 130, "interrupted")])
+@pytest.mark.parametrize("stop, exit_code, status", [("SIGKILL", -9, "running"), ("SIGTERM", 130, "interrupted"),
+                                                     ("SIGUSR1", 130, "interrupted")])
 def test_a_killed_run_resumes_to_the_same_result(uninterrupted, stop, exit_code, status):
     base, whole = uninterrupted
     folder = base / stop
@@ -43,7 +44,7 @@ def test_a_killed_run_resumes_to_the_same_result(uninterrupted, stop, exit_code,
     assert killed.returncode == exit_code, killed.stderr[-2000:]
     first = load_record(folder)
     assert first["status"] == status
-    if stop == "SIGTERM":  # Lightning stops after the batch and last.ckpt is written mid-epoch
+    if stop != "SIGKILL":  # a graceful stop after the batch: last.ckpt is written mid-epoch
         assert "Run the same command again to continue" in killed.stderr
         assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * 21 + 6
 

@@ -215,3 +215,19 @@ def test_hydra_settings_on_the_command_line_do_not_change_the_grid():
     spec = load_sweep(SMOKE)
     assert grid(spec, ["hydra.launcher.partition=gpu"]) == grid(spec)
     assert len(grid(spec, ["seed=1", "student.width=16,32,64"])) == 2 * 2 * 3
+
+
+def test_an_unreadable_record_is_named_and_its_run_redone(smoke, tmp_path):
+    import shutil
+
+    base, _ = smoke
+    folder = tmp_path / "smoke"
+    shutil.copytree(base / "smoke", folder)
+    broken = sorted(folder.glob("*/run_record.json"))[0]
+    broken.write_text('{"status": "finish')  # cut short
+    proc = sweep_cli([str(SMOKE), *FAST, "--dir", str(folder)], base / "cache")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert f"unreadable record {broken}" in proc.stdout
+    assert "16 runs — 1 finished, 15 skipped" in proc.stdout
+    assert load_record(broken.parent)["status"] == "finished"
+    assert list(broken.parent.glob("archive/unreadable-*/run_record.json"))

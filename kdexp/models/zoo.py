@@ -57,7 +57,7 @@ class CNN1D(nn.Module):
         require(
             len(shape) in (1, 2),
             f"CNN1D expects 1-D signals (data.input_shape [L] or [C, L]), got {list(shape)}. "
-            "Use student=cnn2d or student=mlp for images.",
+            "Pick the cnn2d or mlp option for images.",
         )
         channels, length = (1, shape[0]) if len(shape) == 1 else shape
         self.in_channels = channels
@@ -90,7 +90,7 @@ class CNN2D(nn.Module):
         require(
             len(shape) == 3,
             f"CNN2D expects images (data.input_shape [C, H, W]), got {list(shape)}. "
-            "Use student=cnn1d or student=mlp for 1-D signals.",
+            "Pick the cnn1d or mlp option for 1-D signals.",
         )
         channels, height, _ = shape
         blocks: list[nn.Module] = []
