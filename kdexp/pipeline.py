@@ -254,6 +254,16 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
 
 
 # -- a student run -----------------------------------------------------------------
+def same_as_before(before: str | None, now: str, what: str) -> None:
+    """A resumed run continues only with the data and teacher it started with: never a mix of two."""
+    if before is not None and before != now:
+        raise ConfigError(
+            f"this run is being resumed, but its {what} is {now} now and was {before} when it started (a cache "
+            "was cleared or another machine kind retrained it). Rerun with resume=false to archive the unfinished "
+            "run and start afresh."
+        )
+
+
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
     width = cfg.student.get("width", "")
     return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"
@@ -270,9 +280,13 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     datamodule: InMemoryDataModule = instantiate(cfg.data)
     datamodule.setup()
     fingerprint = datamodule.fingerprint()
+    if resume_from is not None:
+        same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
     recorder.update(data_fingerprint=fingerprint)
 
     teacher = get_teacher(cfg, datamodule)
+    if resume_from is not None:
+        same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
                              "path": teacher.path, "cache_key": teacher.cache_key})
 

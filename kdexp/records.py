@@ -101,7 +101,7 @@ class RunRecorder:
             "metrics": {},
         }
         if resumes is not None:
-            keep = ("started_at", "wandb", "resumed")
+            keep = ("started_at", "wandb", "resumed", "teacher", "data_fingerprint")
             self.record.update({k: resumes[k] for k in keep if k in resumes})
             self.record["resumed"] = [*self.record.get("resumed", []), {
                 "at": now, "previous_status": resumes.get("status"),

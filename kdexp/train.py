@@ -62,10 +62,7 @@ def log_file_held_back(output_dir: Path) -> Iterator[None]:
     for handler in held:
         root.removeHandler(handler)
         handler.close()
-    try:
-        yield
-    except BaseException:
-        raise
+    yield  # on an exception the handlers stay detached: a refusal never writes into the folder
     for handler in held:
         root.addHandler(handler)  # FileHandler(delay=True) reopens the file on the next message
 

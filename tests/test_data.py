@@ -23,6 +23,38 @@ def test_stratified_holdout_is_disjoint_complete_and_seeded():
     assert not np.array_equal(out, stratified_holdout(labels, 0.1, seed=4)[1])
 
 
+def test_holdout_size_is_exact_when_classes_are_uneven():
+    """Rounding per class held out 399 of MNIST-1D's 4,000; the total is now exact and still stratified."""
+    labels = np.repeat(np.arange(10), [397, 402, 398, 405, 399, 396, 401, 403, 400, 399])
+    keep, out = stratified_holdout(labels, 0.1, seed=0)
+    assert (len(out), len(keep)) == (400, 3600)
+    per_class = np.bincount(labels[out])
+    assert np.all(np.abs(per_class - 0.1 * np.bincount(labels)) < 1)  # each class within one of its share
+
+
+def test_mnist1d_splits_and_batches_are_what_the_docs_say(tmp_path):
+    from kdexp.data import MNIST1DDataModule
+
+    dm = MNIST1DDataModule(cache_dir=str(tmp_path))
+    dm.setup()
+    assert {k: len(v.y) for k, v in dm.splits.items()} == {"train": 3600, "val": 400, "test": 1000}
+    assert [len(y) for _, y, _ in dm.train_dataloader()] == [100] * 36
+
+
+def test_a_resumed_epoch_continues_at_the_next_untrained_batch():
+    x, y = torch.arange(50).float()[:, None], torch.arange(50)
+    whole = IndexBatches(x, y, batch_size=10, shuffle=True, seed=1)
+    for _ in range(3):  # epochs 0..2
+        expected = [idx for _, _, idx in whole]
+    resumed = IndexBatches(x, y, batch_size=10, shuffle=True, seed=1, position=lambda: (2, 0))
+    resumed.load_state_dict({"epoch": 2, "batches_done": 3})  # stopped after 3 batches of epoch 2
+    got = [idx for _, _, idx in resumed]
+    assert [i.tolist() for i in got] == [i.tolist() for i in expected[3:]]
+    ended = IndexBatches(x, y, batch_size=10, shuffle=True, seed=1, position=lambda: (3, 0))
+    ended.load_state_dict({"epoch": 2, "batches_done": 5})  # saved at the end of epoch 2: epoch 3 runs whole
+    assert len(list(ended)) == 5
+
+
 def test_index_batches_cover_every_sample_once_per_epoch():
     x, y = torch.arange(103).float()[:, None], torch.arange(103)
     batches = IndexBatches(x, y, batch_size=10, shuffle=True, seed=5)

@@ -179,3 +179,21 @@ def test_sweep_killed_takes_its_runs_with_it_and_resumes(uninterrupted, tmp_path
     records = [load_record(p.parent) for p in (tmp_path / "s").glob("*/run_record.json")]
     assert len(records) == 2 and all(r["status"] == "finished" for r in records)
     assert any(r.get("resumed") for r in records)
+
+
+def test_a_run_is_never_resumed_with_another_teacher(uninterrupted, tmp_path):
+    import json
+
+    base, _ = uninterrupted
+    folder = tmp_path / "other-teacher"
+    args = [*RUN, "logger=none", f"hydra.run.dir={folder}"]
+    assert run_cli(args, base / "cache", extra_env={"KDEXP_TEST_STOP_AT": "1:0:SIGKILL"}).returncode == -9
+    record = load_record(folder)
+    record["teacher"]["hash"] = "0123456789abcdef"  # as if the cache had been cleared and retrained differently
+    (folder / "run_record.json").write_text(json.dumps(record))
+    proc = run_cli(args, base / "cache")
+    assert proc.returncode == 2 and "its teacher (weights hash) is" in proc.stderr and "resume=false" in proc.stderr
+    assert load_record(folder)["status"] == "failed"
+    fresh = run_cli([*args, "resume=false"], base / "cache")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "resumed" not in load_record(folder)
