@@ -8,7 +8,7 @@ once per epoch, never with a ``self.log`` call per step.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +21,7 @@ from kdexp.errors import NonFiniteLossError
 from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
+from kdexp.schedules import Schedule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -86,12 +87,14 @@ class SupervisedModule(pl.LightningModule):
         objective: DistillationObjective | None = None,
         scheduler: SchedulerFactory | None = None,
         check_finite_every_n_steps: int = 1,
+        schedules: Mapping[str, Schedule] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.objective = objective if objective is not None else CrossEntropyOnly()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.schedules = dict(schedules or {})  # objective attribute → per-epoch schedule
         self.check_finite_every_n_steps = check_finite_every_n_steps
         self.val_metrics = EvalMetrics(num_classes)
         self.test_metrics = EvalMetrics(num_classes)
@@ -146,7 +149,21 @@ class SupervisedModule(pl.LightningModule):
             self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value.clone()
         self._loss_steps += 1
 
+    def on_train_epoch_start(self) -> None:
+        # The objective sees the epoch (DKD's warm-up reads it) and any scheduled settings.
+        self.objective.epoch = self.current_epoch
+        for name, schedule in self.schedules.items():
+            setattr(self.objective, name, schedule.value(self.current_epoch, int(self.trainer.max_epochs or 1)))
+
+    def settings_in_force(self) -> dict[str, float]:
+        """The objective's knobs and scheduled settings this epoch, as ``train/<name>``."""
+        names = [*self.objective.knobs, *(n for n in self.schedules if n not in self.objective.knobs)]
+        values = {name: getattr(self.objective, name, None) for name in names}
+        return {f"train/{name}": float(v) for name, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     def on_train_epoch_end(self) -> None:
+        self.log_dict(self.settings_in_force(), sync_dist=True)
         if self._loss_steps:
             means = {f"train/{k}": v / self._loss_steps for k, v in self._loss_sums.items()}
             self.log("train/loss", means.pop("train/loss"), prog_bar=True, sync_dist=True)
@@ -232,6 +249,19 @@ class DistillationModule(SupervisedModule):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def bind_objective(self, example_x: Tensor) -> None:
+        """Probe forward pass on one batch, then ``objective.bind``: sizes the objective's
+        trainable parts before the optimiser is built (see :mod:`kdexp.objectives.base`)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            student = self.student_outputs(example_x)
+            teacher = self.teacher_outputs(example_x, torch.arange(len(example_x)))
+        finally:
+            self.model.train(was_training)
+        self.objective.bind(student, teacher if self.objective.needs_teacher else None)
 
     @torch.no_grad()
     def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs:

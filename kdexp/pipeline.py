@@ -28,7 +28,9 @@ from kdexp.errors import ConfigError, RunInterrupted
 from kdexp.files import load_weights
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
+from kdexp.objectives.base import DistillationObjective
 from kdexp.records import RunRecorder
+from kdexp.schedules import Schedule
 from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 
@@ -101,15 +103,19 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_
 
 
 def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
-                 run_id: str | None = None) -> Logger | None:
-    """The configured experiment logger (``logger=none`` gives None); ``run_id`` continues that W&B run."""
+                 run_id: str | None = None, objective_name: str = "ce") -> Logger | None:
+    """The configured experiment logger (``logger=none`` gives None); ``run_id`` continues that W&B run.
+
+    Tags name the objective actually used (``objective_name``), not the ``kd`` option it
+    was composed from: a plug-in set with ``kd._target_=...`` is tagged as itself.
+    """
     if not cfg.get("logger"):
         return None
     group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
     factory = instantiate(cfg.logger)
     extra: dict[str, Any] = {}
     if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
-        extra["tags"] = [choice(cfg, "data"), choice(cfg, "kd"), choice(cfg, "student"), job_type,
+        extra["tags"] = [choice(cfg, "data"), objective_name, choice(cfg, "student"), job_type,
                          *cfg.get("tags", []), *cfg.logger.tags]
     if run_id:
         extra["run_id"] = run_id
@@ -264,6 +270,17 @@ def same_as_before(before: str | None, now: str, what: str) -> None:
         )
 
 
+def build_schedules(cfg: DictConfig) -> dict[str, Schedule]:
+    """``schedule.<setting>`` nodes → ``{setting: Schedule}`` (empty for ``schedule=none``)."""
+    nodes = cfg.get("schedule") or {}
+    return {str(name): instantiate(node, what=f"schedule.{name}") for name, node in nodes.items() if node}
+
+
+def objective_label(objective: DistillationObjective, schedules: dict[str, Schedule]) -> str:
+    """The objective's own label plus its schedules: ``hinton-T4-a0.9-alpha~lin0-0.9e20``."""
+    return "-".join([objective.describe(), *(f"{name}~{s.describe()}" for name, s in schedules.items())])
+
+
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
     width = cfg.student.get("width", "")
     return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"
@@ -295,25 +312,30 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     pl.seed_everything(int(cfg.seed), verbose=False)
     objective = instantiate(cfg.kd)
     student = instantiate(cfg.student)
+    schedules = build_schedules(cfg)
     job_type = "distill" if objective.needs_teacher else "baseline"
-    run_name = run_name_for(cfg, job_type, objective.describe())
+    run_name = run_name_for(cfg, job_type, objective_label(objective, schedules))
     parameters = count_parameters(student)
-    recorder.update(job_type=job_type, run_name=run_name, parameters=parameters)
+    identity = {**objective.identity(), "label": objective_label(objective, schedules)}
+    recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity)
 
     wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
                                     teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
-                                    student_parameters=parameters, output_dir=str(output_dir))
+                                    student_parameters=parameters, output_dir=str(output_dir),
+                                    objective=identity)
     previous_wandb = recorder.record.get("wandb") or {}
     logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
-                          run_id=previous_wandb.get("id") if resume_from is not None else None)
+                          run_id=previous_wandb.get("id") if resume_from is not None else None,
+                          objective_name=objective.name)
     recorder.update(wandb=wandb_run_info(logger))
     if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
         logger.log_metrics({"teacher/test_acc": teacher.test_acc}, step=0)
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DistillationModule(model=student, teacher=teacher.model, objective=objective,
-                                optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
+                                optimizer=instantiate(cfg.optimizer), scheduler=scheduler, schedules=schedules,
                                 num_classes=int(cfg.data.num_classes))
+    module.bind_objective(next(iter(datamodule.eval_batches("train")))[0])  # adapters exist before the optimiser
     initial = {"val/acc_init": evaluate_accuracy(student, datamodule.eval_batches("val"))}
     trainer = build_trainer(cfg, output_dir, logger)
     metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from), "teacher/test_acc": teacher.test_acc}

@@ -25,7 +25,7 @@ from kdexp.files import atomic_torch_save, load_weights, storage_error
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: zoo models with named stages (parameter names changed)
 TEACHER_FILE = "teacher.pt"
 # Data settings that do not change what a teacher learns; left out of the cache key.
 _DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size"}

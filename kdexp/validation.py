@@ -163,10 +163,32 @@ def validate_config(cfg: DictConfig) -> None:
         teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
         student = _build(cfg, cfg.student, "student", "student")
         objective = _build(cfg, cfg.kd, "kd", "kd")
+    _check_schedules(cfg, objective)
     _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
     _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
     _check_forward(cfg, teacher, "teacher")
     _check_forward(cfg, student, "student")
+
+
+def _check_schedules(cfg: DictConfig, objective: Any) -> None:
+    """Each scheduled setting exists on the objective and stays in its valid range at every epoch."""
+    ranges = {rule.key: rule for rule in RANGES}
+    max_epochs = int(_get(cfg, "trainer.max_epochs"))
+    for name, node in (cfg.get("schedule") or {}).items():
+        if not node:
+            continue
+        if not hasattr(objective, str(name)):
+            knobs = ", ".join(getattr(objective, "knobs", ())) or "none declared"
+            raise ConfigError(f"schedule.{name}: the objective ({type(objective).__name__}, kd={_choice(cfg, 'kd')}) "
+                              f"has no setting '{name}' to schedule; its knobs: {knobs}.")
+        schedule = instantiate(node, what=f"schedule.{name}")
+        rule = ranges.get(f"kd.{name}")
+        if rule is None:
+            continue
+        for epoch, value in enumerate(schedule.values(max_epochs)):
+            if rule.check(value):
+                raise ConfigError(f"schedule.{name} gives {value:g} at epoch {epoch}, but kd.{name} must be "
+                                  f"{rule.describe()}.")
 
 
 def _check_forward(cfg: DictConfig, model: torch.nn.Module, group: str) -> None:

@@ -42,7 +42,7 @@ def test_slurm_launcher_config(tmp_path):
 def test_the_defaults_list_names_every_group():
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     assert groups == {"data", "teacher", "student", "kd", "optimizer", "scheduler", "trainer", "logger",
-                      "callbacks", "paths", "hydra", "experiment", "debug"}
+                      "callbacks", "paths", "hydra", "experiment", "debug", "schedule"}
 
 
 @pytest.mark.parametrize("option", options("data"))

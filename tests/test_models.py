@@ -40,12 +40,34 @@ def test_bad_model_config_is_explained(build, match):
 
 def test_feature_hooks_capture_by_path_and_explain_typos():
     model = MLP([40], 10, width=16)
-    hooks = FeatureHooks(model, ["body.2"])  # the first ReLU
+    hooks = FeatureHooks(model, ["stage1"])  # the first hidden layer, after its ReLU
     model(torch.randn(3, 40))
     features = hooks.pop()
-    assert features["body.2"].shape == (3, 16) and (features["body.2"] >= 0).all()
+    assert features["stage1"].shape == (3, 16) and (features["stage1"] >= 0).all()
     assert hooks.pop() == {}
     hooks.remove()
-    with pytest.raises(ConfigError, match="no submodule 'body.9'.*available: body, body.0"):
-        FeatureHooks(model, ["body.9"])
+    with pytest.raises(ConfigError, match="no submodule 'stage9'.*available: .*pre_logits, stage1"):
+        FeatureHooks(model, ["stage9"])
     assert isinstance(model.get_submodule("head"), nn.Linear)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_stage_names_mean_the_same_block_at_every_input_size(shape):
+    """stageK is always the K-th conv block (width · 2^(K-1) channels); pre_logits is the head's input."""
+    model = CNN2D(shape, 10, width=4)
+    hooks = FeatureHooks(model, ["stage1", "stage2", "stage3", "pre_logits"])
+    model(torch.randn(2, *shape))
+    features = hooks.pop()
+    assert [features[f"stage{k}"].shape[1] for k in (1, 2, 3)] == [4, 8, 16]
+    assert features["pre_logits"].shape == (2, 16)
+    assert isinstance(model.stage1[0], nn.Conv2d) and isinstance(model.stage3[0], nn.Conv2d)
+
+
+@pytest.mark.parametrize("model, shapes", [
+    (MLP([40], 10, width=16, depth=3), {"stage1": (2, 16), "stage3": (2, 16), "pre_logits": (2, 16)}),
+    (CNN1D([40], 10, width=8), {"stage1": (2, 8, 19), "stage3": (2, 8, 5), "pre_logits": (2, 40)}),
+])
+def test_every_zoo_model_names_its_stages(model, shapes):
+    hooks = FeatureHooks(model, list(shapes))
+    model(torch.randn(2, 40))
+    assert {k: tuple(v.shape) for k, v in hooks.pop().items()} == shapes

@@ -23,5 +23,6 @@ class CrossEntropyOnly(DistillationObjective):
         ce = F.cross_entropy(student.logits, targets, label_smoothing=self.label_smoothing)
         return {"loss_ce": ce}
 
-    def describe(self) -> str:
+    @property
+    def name(self) -> str:
         return "ce"

@@ -28,6 +28,8 @@ def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
 class HintonKD(DistillationObjective):
     """Soft targets from the teacher mixed with hard labels (Hinton et al., 2015)."""
 
+    knobs = ("temperature", "alpha")
+
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
         require(
@@ -50,5 +52,6 @@ class HintonKD(DistillationObjective):
         kd = soft_target_kl(student.logits, teacher.logits, self.temperature)
         return {"loss_ce": (1.0 - self.alpha) * ce, "loss_kd": self.alpha * kd}
 
-    def describe(self) -> str:
-        return f"hinton-T{self.temperature:g}-a{self.alpha:g}"
+    @property
+    def name(self) -> str:
+        return "hinton"

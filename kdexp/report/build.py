@@ -12,7 +12,8 @@ from typing import Any
 
 from kdexp.report.consistency import check_consistent, split_groups
 from kdexp.report.errors import ReportError
-from kdexp.report.runs import apply_where, check_metric, is_student_record, known_paths, runs_frame, with_axes
+from kdexp.report.runs import (apply_where, check_metric, is_student_record, known_paths, objective_knobs,
+                               runs_frame, with_axes)
 from kdexp.report.table import MODES, Table, build_table, default_better
 
 DEFAULT_ROWS = ("student.width", "kd.temperature")
@@ -41,7 +42,7 @@ def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportS
     if runs.empty:
         raise ReportError("no student runs to report on (only teacher records?): point at a sweep or run folder.")
     known = known_paths(runs)
-    rows, cols, notes = _axes(spec, known)
+    rows, cols, notes = _axes(spec, known, objective_knobs(runs))
     runs = apply_where(with_axes(runs, [*rows, *cols], known), spec.where, known)
     if runs.empty:
         shown = " ".join(f"--where {k}={v}" for k, v in spec.where)
@@ -59,11 +60,23 @@ def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportS
     return tables, notes
 
 
-def _axes(spec: ReportSpec, known: set[str]) -> tuple[list[str], list[str], list[str]]:
+def default_axes(knobs: list[str]) -> tuple[list[str], list[str]]:
+    """Rows: student width and the objective's first knob; columns: its second knob.
+
+    Any objective's own knobs (``kd.beta`` for DKD) become the table's axes; with no
+    declared knobs (older records) the Hinton grid's T × α is assumed.
+    """
+    if not knobs:
+        return list(DEFAULT_ROWS), list(DEFAULT_COLS)
+    return ["student.width", knobs[0]], knobs[1:2]
+
+
+def _axes(spec: ReportSpec, known: set[str], knobs: list[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """The axes, checked; default axes not in ``known`` are dropped (explicit ones must exist)."""
     rows, cols = list(spec.rows), list(spec.cols)
     notes = []
     if (rows, cols) == (list(DEFAULT_ROWS), list(DEFAULT_COLS)):
+        rows, cols = default_axes(knobs or [])
         absent = [a for a in rows + cols if a not in known]
         if absent:
             notes.append(f"default axes {', '.join(absent)} are in no record and were dropped")

@@ -24,6 +24,7 @@ from kdexp.report.values import format_value, matches
 SELECT_ON = "val/acc_best"  # what picks the KD setting shown per width (never a test metric)
 
 WIDTH, TEMPERATURE, ALPHA = "student.width", "kd.temperature", "kd.alpha"
+_KNOB_LABELS = {TEMPERATURE: "T (kd.temperature)", ALPHA: "α (kd.alpha)"}
 
 
 def slug(text: str) -> str:
@@ -35,9 +36,10 @@ def plot_table(table: Table, out_dir: str | Path, *,
                kd_at: Mapping[str, str] | None = None) -> tuple[list[Path], list[str]]:
     """Write the figures of ``table`` under ``out_dir``; returns (files, notes on figures skipped)."""
     out = Path(out_dir)
-    runs = table.runs.assign(_w=axis_values(table.runs, WIDTH), _t=axis_values(table.runs, TEMPERATURE),
-                             _a=axis_values(table.runs, ALPHA))
-    mixed = _other_varying_axes(runs, table.axes)
+    y_knob, x_knob = heatmap_axes(table.axes)
+    runs = table.runs.assign(_w=axis_values(table.runs, WIDTH), _t=axis_values(table.runs, y_knob),
+                             _a=axis_values(table.runs, x_knob))
+    mixed = _other_varying_axes(runs, table.axes, (y_knob, x_knob))
     if mixed:
         return [], [f"plots skipped for {table.heading or table.metric}: they would average over {', '.join(mixed)} "
                     "(fix it with --where or --split)"]
@@ -45,9 +47,9 @@ def plot_table(table: Table, out_dir: str | Path, *,
     files, notes = [], []
     kd = runs[runs["_kind"].eq("distill")]
     if kd["_t"].notna().any() and kd["_a"].notna().any():
-        files += _heatmaps(table, runs, out)
+        files += _heatmaps(table, runs, out, (y_knob, x_knob))
     else:
-        notes.append("no heatmap: the KD runs have no kd.temperature and kd.alpha")
+        notes.append(f"no heatmap: the KD runs have no {y_knob} and {x_knob}")
     if runs["_w"].notna().any():
         path, note = _width_plot(table, runs, out, kd_at or {})
         files += [path] if path else []
@@ -57,11 +59,17 @@ def plot_table(table: Table, out_dir: str | Path, *,
     return files, notes
 
 
-def _other_varying_axes(runs: pd.DataFrame, axes: list[str]) -> list[str]:
-    """Table axes besides width, T and α that take several values within KD or within CE-only runs."""
+def heatmap_axes(axes: list[str]) -> tuple[str, str]:
+    """The two objective settings a heatmap spans: the table's first two ``kd.*`` axes, else T × α."""
+    knobs = [a for a in axes if a.startswith("kd.")]
+    return (knobs[0], knobs[1]) if len(knobs) >= 2 else (TEMPERATURE, ALPHA)
+
+
+def _other_varying_axes(runs: pd.DataFrame, axes: list[str], knobs: tuple[str, str]) -> list[str]:
+    """Table axes besides width and the heatmap's two knobs that take several values within KD or CE-only runs."""
     out = []
     for axis in axes:
-        if axis in (WIDTH, TEMPERATURE, ALPHA):
+        if axis in (WIDTH, *knobs):
             continue
         if any(runs.loc[runs["_kind"].eq(kind), axis].nunique() > 1 for kind in ("distill", "baseline")):
             out.append(axis)
@@ -74,7 +82,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _heatmaps(table: Table, runs: pd.DataFrame, out: Path) -> list[Path]:
+def _heatmaps(table: Table, runs: pd.DataFrame, out: Path, knobs: tuple[str, str]) -> list[Path]:
     factor, dp, unit = scale_of(table.metric)
     kd = runs[runs["_kind"].eq("distill") & runs["_t"].notna() & runs["_a"].notna()]
     ce = runs[runs["_kind"].eq("baseline")]
@@ -88,8 +96,8 @@ def _heatmaps(table: Table, runs: pd.DataFrame, out: Path) -> list[Path]:
         image = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(grid.shape[1]), [format_value(a) for a in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [format_value(t) for t in grid.index])
-        ax.set_xlabel("α (kd.alpha)")
-        ax.set_ylabel("T (kd.temperature)")
+        ax.set_xlabel(_KNOB_LABELS.get(knobs[1], knobs[1]))
+        ax.set_ylabel(_KNOB_LABELS.get(knobs[0], knobs[0]))
         low, high = np.nanmin(grid.to_numpy()), np.nanmax(grid.to_numpy())
         for (i, j), value in np.ndenumerate(grid.to_numpy()):
             bright = not math.isnan(value) and value > (low + high) / 2
@@ -135,7 +143,7 @@ def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
         label = "KD at " + ", ".join(f"{k.removeprefix('kd.')}={v}" for k, v in kd_at.items())
         best = _cells(kd).drop_duplicates("_w").sort_values("_w")
     else:
-        label = f"KD, (T, α) with the best {SELECT_ON} per width"
+        label = f"KD, the setting with the best {SELECT_ON} per width"
         best = kd_setting_per_width(kd)
     ce = (runs[runs["_kind"].eq("baseline")].groupby("_w").agg(mean=("_value", "mean"), std=("_value", "std"))
           .reset_index().sort_values("_w"))

@@ -50,6 +50,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         teacher = record.get("teacher") if isinstance(record.get("teacher"), Mapping) else {}
         metrics = dict(record.get("metrics") or {})
         error = record.get("error") if isinstance(record.get("error"), Mapping) else {}
+        objective = record.get("objective") if isinstance(record.get("objective"), Mapping) else {}
         seed = record.get("seed", config.get("seed"))
         rows.append({
             "_kind": run_kind(record.get("job_type"), choices),
@@ -64,11 +65,25 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "_error": error.get("type"),
             "_source": record.get("_source") or record.get("output_dir") or record.get("run_name"),
             "_time": record.get("finished_at") or record.get("started_at"),
+            "_objective": objective.get("name"),
+            "_knobs": tuple(objective.get("knobs") or ()),
         })
     frame = pd.DataFrame(rows, columns=["_kind", "_status", "_seed", "_config", "_choices", "_metrics",
                                         "_teacher_hash", "_teacher_acc", "_data_fingerprint", "_error",
-                                        "_source", "_time"])
+                                        "_source", "_time", "_objective", "_knobs"])
     return frame.assign(_teacher_acc=pd.to_numeric(frame["_teacher_acc"], errors="coerce"))
+
+
+def objective_knobs(runs: pd.DataFrame) -> list[str]:
+    """The knobs (``kd.beta``, …) the KD runs' objectives declare, in declaration order.
+
+    Records written before objectives declared knobs have none; callers fall back to
+    Hinton's ``kd.temperature`` × ``kd.alpha``.
+    """
+    knobs: list[str] = []
+    for declared in runs.loc[runs["_kind"].eq("distill"), "_knobs"]:
+        knobs += [k for k in declared if k not in knobs]
+    return knobs
 
 
 def is_kd_scoped(path: str) -> bool:

@@ -201,7 +201,10 @@ def describe_context(runs: pd.DataFrame, axes: Sequence[str]) -> str:
                 if len(hashes) == 1:
                     text += f" (weights {str(hashes[0])[:8]})"
             parts.append(text)
-    kd = runs.loc[runs["_kind"].eq("distill"), "_choices"].map(lambda c: c.get("kd")).dropna().unique()
+    # The objective actually used (a plug-in set by kd._target_ names itself); older records: the kd option.
+    distill = runs[runs["_kind"].eq("distill")]
+    kd = distill["_objective"].where(distill["_objective"].notna(),
+                                     distill["_choices"].map(lambda c: c.get("kd"))).dropna().unique()
     if "kd" not in axes and len(kd) == 1:
         parts.append(f"kd={kd[0]}" + (" vs CE-only" if runs["_kind"].eq("baseline").any() else ""))
     epochs = runs["_config"].map(lambda c: c.get("trainer.max_epochs")).dropna().unique()

@@ -92,6 +92,7 @@ def _record_from_run(run: Any) -> dict[str, Any]:
         "teacher": {"hash": extra["teacher_hash"], "test_acc": extra["teacher_test_acc"]},
         "data_fingerprint": extra["data_fingerprint"],
         "output_dir": extra["output_dir"],
+        "objective": extra["objective"],
         "run_name": name,
         "group": getattr(run, "group", None),
         "wandb": {"id": run_id, "name": name, "state": state, "url": getattr(run, "url", None)},

@@ -97,3 +97,36 @@ class SlowDown(pl.Callback):
         import time
 
         time.sleep(self.seconds_per_batch)
+
+
+class ProjectedFeatureKD(HintonKD):
+    """Hinton KD plus an MSE between a learned projection of a student tap and a teacher tap:
+    the projection is sized in ``bind`` from the probe batch's features (a FitNets-like plug-in)."""
+
+    knobs = ("temperature", "alpha", "beta")
+
+    def __init__(self, beta: float = 1.0, student_layers=("pre_logits",), teacher_layers=("pre_logits",),
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.student_features, self.teacher_features = tuple(student_layers), tuple(teacher_layers)
+        self.beta = beta
+        self.projection = None
+
+    def bind(self, student: ModelOutputs, teacher: ModelOutputs | None) -> None:
+        import torch
+
+        s = student.features[self.student_features[0]].flatten(1)
+        t = teacher.features[self.teacher_features[0]].flatten(1)
+        self.projection = torch.nn.Linear(s.shape[1], t.shape[1])
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+        import torch.nn.functional as F
+
+        terms = super().forward(student, teacher, targets)
+        s = self.projection(student.features[self.student_features[0]].flatten(1))
+        terms["loss_feat"] = self.beta * F.mse_loss(s, teacher.features[self.teacher_features[0]].flatten(1))
+        return terms
+
+    @property
+    def name(self) -> str:
+        return "projected"
