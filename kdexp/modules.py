@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kdexp.errors import NonFiniteLossError
+from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
@@ -267,6 +268,9 @@ class DistillationModule(SupervisedModule):
     def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs:
         # The single place teacher outputs come from, so a lookup of precomputed
         # logits (keyed by ``index``) can replace the forward pass here.
+        if isinstance(self.teacher, TeacherEnsemble):  # several teachers: each one's view, and their average
+            members = self.teacher.member_logits(x)
+            return ModelOutputs(average_probability_logits(members), {}, members)
         logits = self.teacher(x)
         features = self._teacher_hooks.pop() if self._teacher_hooks else {}
         return ModelOutputs(logits, features)

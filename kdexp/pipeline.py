@@ -6,6 +6,7 @@ read top to bottom and reused (e.g. to train a teacher inside a student run).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import ConfigError, RunInterrupted
 from kdexp.files import load_weights
+from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
 from kdexp.objectives.base import DistillationObjective
@@ -240,6 +242,29 @@ def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
                              key, train=train, evaluate=evaluate)
 
 
+def get_teachers(cfg: DictConfig, datamodule: InMemoryDataModule) -> tuple[Teacher, list[Teacher]]:
+    """The run's teacher, and, with extra ``teachers`` listed, the ensemble of all of them.
+
+    Each member is provisioned like a single teacher (its own checkpoint or cache key,
+    trained once); the returned teacher is the ensemble, identified by the hash of its
+    members' hashes, with the ensemble's (averaged-probability) test accuracy.
+    """
+    first = get_teacher(cfg, datamodule)
+    extra = list(cfg.get("teachers") or [])
+    if not extra:
+        return first, []
+    members = [first]
+    for node in extra:
+        member_cfg = cfg.copy()
+        OmegaConf.set_struct(member_cfg, False)
+        member_cfg.teacher = node
+        members.append(get_teacher(member_cfg, datamodule))
+    ensemble = TeacherEnsemble([m.model for m in members]).eval()
+    digest = hashlib.sha256("+".join(m.weights_hash for m in members).encode()).hexdigest()[:16]
+    test_acc = evaluate_accuracy(ensemble, datamodule.eval_batches("test"))
+    return Teacher(ensemble, digest, test_acc, "ensemble", ", ".join(m.path for m in members)), members
+
+
 def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     """Train ``model`` in place as the teacher; its own record and W&B run go to ``folder``."""
     tcfg = cfg.teacher
@@ -301,7 +326,10 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
     recorder.update(data_fingerprint=fingerprint)
 
-    teacher = get_teacher(cfg, datamodule)
+    teacher, members = get_teachers(cfg, datamodule)
+    if members:
+        recorder.update(teachers=[{"hash": m.weights_hash, "test_acc": m.test_acc, "source": m.source, "path": m.path,
+                                   "cache_key": m.cache_key} for m in members])
     if resume_from is not None:
         same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,

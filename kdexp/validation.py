@@ -168,6 +168,33 @@ def validate_config(cfg: DictConfig) -> None:
     _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
     _check_forward(cfg, teacher, "teacher")
     _check_forward(cfg, student, "student")
+    _check_extra_teachers(cfg, objective)
+
+
+def _check_extra_teachers(cfg: DictConfig, objective: Any) -> None:
+    """Each entry of ``teachers`` is a teacher node that fits the data; only objectives that read
+    every teacher (``ModelOutputs.members``) may have them, and none may tap teacher features."""
+    extra = list(cfg.get("teachers") or [])
+    if not extra:
+        return
+    if not getattr(objective, "uses_teacher_members", False):
+        raise ConfigError(f"teachers lists {len(extra)} extra teacher(s), but the objective kd={_choice(cfg, 'kd')} "
+                          "reads one teacher; use kd=multi_teacher, or set teachers=[].")
+    if getattr(objective, "teacher_features", ()):
+        raise ConfigError("feature taps on several teachers are not supported: an ensemble has no single "
+                          "layer to tap. Use logit objectives with teachers, or one teacher.")
+    for i, node in enumerate(extra):
+        if not isinstance(node, DictConfig) or "model" not in node:
+            raise ConfigError(f"teachers[{i}] must be a teacher node with a 'model' (like conf/teacher/*.yaml), "
+                              f"got {node!r}.")
+        for key in ("max_epochs", "seed"):
+            rule = next(r for r in RANGES if r.key == f"teacher.{key}")
+            value = node.get(key)
+            if value is not None and rule.check(value):
+                raise ConfigError(f"teachers[{i}].{key}={value!r} {rule.check(value)}: it must be {rule.describe()}.")
+        with torch.random.fork_rng(devices=[]):
+            model = _build(cfg, node.model, "teacher", f"teachers[{i}].model")
+        _check_forward(cfg, model, f"teachers[{i}]")
 
 
 def _check_schedules(cfg: DictConfig, objective: Any) -> None:

@@ -40,6 +40,7 @@ class ModelOutputs:
 
     logits: Tensor  # (B, C)
     features: dict[str, Tensor] = field(default_factory=dict)
+    members: list[Tensor] | None = None  # K × (B, C): each teacher's logits, for a teacher ensemble
 
 
 class DistillationObjective(nn.Module):
@@ -59,6 +60,7 @@ class DistillationObjective(nn.Module):
     student_features: tuple[str, ...] = ()
     teacher_features: tuple[str, ...] = ()
     epoch: int = 0  # the training epoch in progress, set by the module at the start of every epoch
+    uses_teacher_members: bool = False  # reads each teacher of an ensemble (ModelOutputs.members)
 
     def __init__(self, student_layers: Sequence[str] | None = None,
                  teacher_layers: Sequence[str] | None = None) -> None:
