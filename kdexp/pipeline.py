@@ -257,7 +257,7 @@ def get_teachers(cfg: DictConfig, datamodule: InMemoryDataModule) -> tuple[Teach
     for node in extra:
         member_cfg = cfg.copy()
         OmegaConf.set_struct(member_cfg, False)
-        member_cfg.teacher = node
+        member_cfg.teacher = OmegaConf.create(to_plain(node))  # resolved first: ${teacher.*} means the run's teacher
         members.append(get_teacher(member_cfg, datamodule))
     ensemble = TeacherEnsemble([m.model for m in members]).eval()
     digest = hashlib.sha256("+".join(m.weights_hash for m in members).encode()).hexdigest()[:16]
@@ -273,7 +273,10 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     with recorded(recorder):
         datamodule: InMemoryDataModule = instantiate(cfg.data, shuffle_seed=int(tcfg.seed))
         fingerprint = datamodule.fingerprint()
-        module = SupervisedModule(model, optimizer=instantiate(tcfg.optimizer), num_classes=int(cfg.data.num_classes))
+        # The teacher's own recipe: its optimizer and, optionally, its lr scheduler (CRD's steps).
+        scheduler = instantiate(tcfg.scheduler, what="teacher.scheduler") if tcfg.get("scheduler") else None
+        module = SupervisedModule(model, optimizer=instantiate(tcfg.optimizer), num_classes=int(cfg.data.num_classes),
+                                  scheduler=scheduler)
         run_name = f"teacher-{choice(cfg, 'teacher')}{tcfg.model.get('width', '')}-{folder.name[:8]}"
         config = {"teacher": to_plain(tcfg), "data": to_plain(cfg.data), "data_fingerprint": fingerprint}
         logger = build_logger(cfg, folder, run_name, "teacher", config)

@@ -109,10 +109,28 @@ def _get(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key} cannot be resolved: {err}") from None
 
 
+def _width_rule(cfg: DictConfig, rule: Range) -> Range:
+    """A model whose width is a channel multiplier (``fractional_width``, the CIFAR zoo) takes any
+    positive number there; the others need a whole number of units."""
+    if rule.key not in ("student.width", "teacher.model.width"):
+        return rule
+    target = _get(cfg, rule.key.rsplit(".", 1)[0] + "._target_")
+    try:
+        from hydra.utils import get_object
+
+        fractional = bool(getattr(get_object(str(target)), "fractional_width", False))
+    except Exception:  # an unimportable target is reported, with its cause, when the model is built
+        return rule
+    if not fractional:
+        return rule
+    return Range(rule.key, float, 0, low_open=True, example=f"{rule.key}=0.5 (a channel multiplier)")
+
+
 def check_values(cfg: DictConfig) -> list[str]:
     """Every out-of-range or mistyped value, as one message line each."""
     problems = []
     for rule in RANGES:
+        rule = _width_rule(cfg, rule)
         value = _get(cfg, rule.key)
         if value is _UNSET:
             continue

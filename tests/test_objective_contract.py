@@ -15,14 +15,15 @@ from kdexp.validation import validate_config
 
 KD_OPTIONS = sorted(p.stem for p in (CONF_DIR / "kd").glob("*.yaml"))
 SPATIAL = {"attention"}  # attention maps need (B, C, ...) features: image teacher and student
-PAIRS = {"mnist1d": ["data=mnist1d", "teacher=cnn1d", "student=mlp", "student.width=32"],
-         "digits": ["data=digits", "teacher=cnn2d", "teacher.model.width=8", "student=cnn2d", "student.width=4"]}
-STUDENTS = {"svm": ["student=linear"], "svm_none": ["student=linear"]}
+PAIRS = {"mnist1d": ["data=mnist1d", "teacher=cnn1d"], "digits": ["data=digits", "teacher=cnn2d", "teacher.model.width=8"]}
+STUDENTS = {"mnist1d": ["student=mlp", "student.width=32"], "digits": ["student=cnn2d", "student.width=4"],
+            "linear": ["student=linear"]}  # the SVM objectives train the linear student
 
 
 def pair_for(option: str) -> list[str]:
     data = "digits" if option in SPATIAL else "mnist1d"
-    return [*PAIRS[data], *STUDENTS.get(option, [])]
+    student = "linear" if option in ("svm", "svm_none") else data
+    return [*PAIRS[data], *STUDENTS[student]]
 
 
 @pytest.mark.parametrize("option", KD_OPTIONS)

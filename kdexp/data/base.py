@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,6 +30,34 @@ class RawData:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+
+
+# An augmentation takes a raw batch (B, ...) and a generator that holds all of its randomness.
+Augmentation = Callable[[Tensor, torch.Generator], Tensor]
+
+
+class AugmentedBatches(IndexBatches):
+    """:class:`IndexBatches` that augment each raw batch before ``transform``.
+
+    Each batch's randomness comes from its own generator, seeded from ``(seed, epoch,
+    first sample index)``: the first index names the batch within the epoch's
+    permutation, so a batch is augmented the same way in a straight run, after a
+    mid-epoch resume (which skips batches) and on whichever DDP rank draws it.
+    """
+
+    def __init__(self, *args, augment: Augmentation, transform: Callable[[Tensor], Tensor] | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, transform=None, **kwargs)  # the parent must hand out raw batches
+        self.augment = augment
+        self.after_augment = transform
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for x, y, index in super().__iter__():
+            # The parent has set self.epoch to the epoch being served + 1 before its first batch.
+            entropy = [self.seed % 2**63, self.epoch - 1, int(index[0])]
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+            x = self.augment(x, generator)
+            yield (self.after_augment(x) if self.after_augment is not None else x), y, index
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +124,13 @@ class InMemoryDataModule(pl.LightningDataModule):
         """Applied to each gathered batch (e.g. uint8 → normalised float)."""
         return x
 
+    def train_augmentation(self) -> Augmentation | None:
+        """Random augmentation of raw training batches (before :meth:`batch_transform`); None: none.
+
+        Only the training split is augmented; validation, test and :meth:`eval_batches` never are.
+        """
+        return None
+
     # -- LightningDataModule ------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -138,7 +174,9 @@ class InMemoryDataModule(pl.LightningDataModule):
                 def position() -> tuple[int, int]:
                     return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.completed
         s = self.splits[split]
-        return IndexBatches(
+        augment = self.train_augmentation() if train else None
+        batches = IndexBatches if augment is None else partial(AugmentedBatches, augment=augment)
+        return batches(
             s.x, s.y,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,

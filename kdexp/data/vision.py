@@ -3,6 +3,8 @@
 Needs the ``vision`` extra (``pip install 'kdexp[vision]'``). Files are read from
 ``data_dir``; they are fetched only when ``data.download=true``. Batches are
 converted to normalised floats one batch at a time, so CIFAR stays 150 MB in RAM.
+With ``augment=true`` training batches get the standard CIFAR augmentation
+(:func:`random_crop_flip`) on the raw pixels first, as a whole batch.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdexp.data.base import InMemoryDataModule, RawData
-from kdexp.errors import ConfigError, DataUnavailableError
+from kdexp.data.base import Augmentation, InMemoryDataModule, RawData
+from kdexp.errors import ConfigError, DataUnavailableError, require
 
 # torchvision class name, the files that must exist under data_dir, per-channel mean / std.
 _DATASETS: dict[str, tuple[str, list[str], tuple[float, ...], tuple[float, ...]]] = {
@@ -49,6 +51,28 @@ def missing_files(dataset: str, data_dir: str | Path) -> list[Path]:
     return [Path(data_dir) / f for f in _DATASETS[dataset][1] if not (Path(data_dir) / f).exists()]
 
 
+def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Random ``H×W`` crop of the zero-padded images and a horizontal flip with probability ½, per sample.
+
+    The standard CIFAR augmentation of ResNet training (He et al. 2016, sec. 4.2) that
+    CRD and DKD use: torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()``,
+    here for a whole (B, C, H, W) batch with one gather. Padding is black in pixel space
+    (0), as there, so it runs on the raw uint8 batch before normalisation. All
+    randomness comes from ``generator``: offsets first, then flips.
+    """
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
+    top = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = top + torch.arange(h)  # (B, H)
+    cols = left + torch.arange(w)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns backwards flips the crop
+    batch = torch.arange(b)[:, None, None, None]
+    channel = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def _as_nchw(images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:  # (N, H, W) grey
         return images[:, None]
@@ -56,7 +80,13 @@ def _as_nchw(images: np.ndarray) -> np.ndarray:
 
 
 class TorchvisionDataModule(InMemoryDataModule):
-    """One of the torchvision classification sets named by ``dataset``."""
+    """One of the torchvision classification sets named by ``dataset``.
+
+    ``augment``: random crop (4-pixel padding) and horizontal flip of the training
+    batches only, seeded from ``shuffle_seed``, the epoch and the batch (see
+    :class:`~kdexp.data.base.AugmentedBatches`). On for CIFAR in its configs; off by
+    default, because a flipped digit is not always the same digit.
+    """
 
     def __init__(
         self,
@@ -65,14 +95,17 @@ class TorchvisionDataModule(InMemoryDataModule):
         input_shape: Sequence[int],
         data_dir: str = "data",
         download: bool = False,
+        augment: bool = False,
         **kwargs,
     ) -> None:
         if dataset not in _DATASETS:
             raise ConfigError(f"unknown torchvision data set '{dataset}'; choose one of {sorted(_DATASETS)}.")
+        require(isinstance(augment, bool), f"data.augment must be true or false, got {augment!r}.")
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
         self.name = dataset
         self.data_dir = Path(data_dir)
         self.download = download
+        self.augment = augment
         _, _, mean, std = _DATASETS[dataset]
         self._mean = torch.tensor(mean).view(1, -1, 1, 1)
         self._std = torch.tensor(std).view(1, -1, 1, 1)
@@ -114,3 +147,6 @@ class TorchvisionDataModule(InMemoryDataModule):
 
     def batch_transform(self, x: Tensor) -> Tensor:
         return (x.float() / 255.0 - self._mean) / self._std
+
+    def train_augmentation(self) -> Augmentation | None:
+        return random_crop_flip if self.augment else None

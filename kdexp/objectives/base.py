@@ -114,7 +114,7 @@ class DistillationObjective(nn.Module):
 
 
 # Short forms of common knobs in run names (hinton-T4-a0.9); others appear in full (beta8).
-_KNOB_ABBREVIATIONS = {"temperature": "T", "alpha": "a"}
+_KNOB_ABBREVIATIONS = {"temperature": "T", "alpha": "a", "distance_weight": "dist", "angle_weight": "angle"}
 
 
 def _short(value: Any) -> str:
