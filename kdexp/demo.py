@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kdexp.records import RECORD_NAME
 from kdexp.sweep import collect
+from kdexp.vocabulary import TEST_ACC
 
 
 def _pct(value: float | None) -> str:
@@ -46,8 +47,8 @@ def summarize(records: dict[str, dict], sweep_dir: Path) -> str:
         m = rec.get("metrics", {})
         status = "" if rec.get("status") == "finished" else f"  [{rec.get('status')}]"
         lines.append(f"  {label:34s}{_pct(m.get('test/acc')):>10s}  {_pct(m.get('test/agreement')):>24s}{status}")
-    if kd and ce and "test/acc" in kd.get("metrics", {}) and "test/acc" in ce.get("metrics", {}):
-        gain = 100 * (kd["metrics"]["test/acc"] - ce["metrics"]["test/acc"])
+    if kd and ce and TEST_ACC in kd.get("metrics", {}) and TEST_ACC in ce.get("metrics", {}):
+        gain = 100 * (kd["metrics"][TEST_ACC] - ce["metrics"][TEST_ACC])
         lines += ["", f"  KD gain: {gain:+.2f} points at one seed (seed noise on MNIST-1D is 1–2 points;"
                       " sweep over seeds before claiming it)."]
     lines += ["", "  test acc is measured at the best-validation checkpoint.", "",

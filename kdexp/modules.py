@@ -23,6 +23,7 @@ from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
+from kdexp.vocabulary import VAL_ACC
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -190,7 +191,7 @@ class SupervisedModule(pl.LightningModule):
             self.val_acc_best.update(values["acc"])
             values["acc_best"] = self.val_acc_best.compute()
         acc = values.pop("acc")
-        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        self.log(VAL_ACC, acc, prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:

@@ -35,6 +35,7 @@ from kdexp.records import RunRecorder
 from kdexp.schedules import Schedule
 from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
+from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +284,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
         trainer = build_trainer(cfg, folder, logger, max_epochs=int(tcfg.max_epochs))
         metrics = fit_and_test(trainer, module, datamodule)  # leaves the best-val weights in `model`
         recorder.update(metrics=metrics, data_fingerprint=fingerprint, parameters=count_parameters(model))
-    log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics["test/acc"], metrics.get("val/acc_best", float("nan")))
-    return float(metrics["test/acc"])
+    log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics[TEST_ACC], metrics.get(VAL_ACC_BEST, float("nan")))
+    return float(metrics[TEST_ACC])
 
 
 # -- a student run -----------------------------------------------------------------
@@ -360,7 +361,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
                           objective_name=objective.name)
     recorder.update(wandb=wandb_run_info(logger))
     if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
-        logger.log_metrics({"teacher/test_acc": teacher.test_acc}, step=0)
+        logger.log_metrics({TEACHER_TEST_ACC: teacher.test_acc}, step=0)
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DistillationModule(model=student, teacher=teacher.model, objective=objective,
@@ -369,7 +370,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     module.bind_objective(next(iter(datamodule.eval_batches("train")))[0])  # adapters exist before the optimiser
     initial = {"val/acc_init": evaluate_accuracy(student, datamodule.eval_batches("val"))}
     trainer = build_trainer(cfg, output_dir, logger)
-    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from), "teacher/test_acc": teacher.test_acc}
+    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from), TEACHER_TEST_ACC: teacher.test_acc}
     recorder.update(metrics=metrics, epochs=trainer.current_epoch, global_steps=trainer.global_step,
                     checkpoints=checkpoint_files(output_dir))
     return recorder.record

@@ -32,6 +32,7 @@ from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
 from kdexp.records import RECORD_NAME, RunRecorder
 from kdexp.run_folder import claim_run_folder, lock_folder
 from kdexp.validation import validate_config
+from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
 
 log = logging.getLogger("kdexp")
 # An absolute path, so the console scripts find conf/ from any working directory.
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
     metrics = record["metrics"]
     log.info(
         "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s",
-        record["run_name"], metrics["test/acc"], metrics["test/acc_last"], metrics["teacher/test_acc"],
+        record["run_name"], metrics[TEST_ACC], metrics[TEST_ACC_LAST], metrics[TEACHER_TEST_ACC],
         f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
         output_dir / RECORD_NAME,
     )
@@ -152,7 +153,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # One broken run must not stop a grid: its record says failed, with the error.
         log.exception("kdexp: this run failed; the sweep goes on")
         return None
-    return float(record.get("metrics", {}).get("test/acc", float("nan")))
+    return float(record.get("metrics", {}).get(TEST_ACC, float("nan")))
 
 
 def prepare_output_dirs(argv: list[str]) -> None:

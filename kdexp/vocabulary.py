@@ -1,5 +1,8 @@
 """Names that training, sweeps and reports share, kept in one place.
 
+Metric names are ``stage/name``; the same string is logged to W&B, stored in run
+records, monitored by checkpoints and read by reports, so each is written once here.
+
 Bookkeeping keys are config settings that do not change what a run computes
 (where files go, how W&B is reached, what to do with a finished folder). Reports
 ignore them when deciding which runs may share a table cell, and a killed run is
@@ -11,6 +14,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# -- metrics --------------------------------------------------------------------------
+TEST_ACC = "test/acc"                # at the best-val checkpoint: the figure tables report
+TEST_ACC_LAST = "test/acc_last"      # at the last epoch
+VAL_ACC = "val/acc"                  # per epoch; what best.ckpt monitors
+VAL_ACC_BEST = "val/acc_best"        # what selects settings (never a test metric)
+TEACHER_TEST_ACC = "teacher/test_acc"
+METRIC_TITLES = {
+    TEST_ACC: "test accuracy at the best-val checkpoint",
+    TEST_ACC_LAST: "test accuracy at the last epoch",
+    VAL_ACC_BEST: "best validation accuracy",
+    VAL_ACC: "validation accuracy at the last epoch",
+    "test/agreement": "test agreement with the teacher (same argmax)",
+    "test/ece": "test expected calibration error",
+}
+
+# -- bookkeeping ------------------------------------------------------------------------
 # Settings that do not change what a run computes.
 BOOKKEEPING_KEYS = frozenset({
     "overrides", "group", "tags", "if_finished", "resume", "output_dir",

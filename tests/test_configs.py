@@ -156,3 +156,5 @@ def test_the_readme_plug_in_objective_composes_and_trains_one_batch(tmp_path):
     assert type(objective).__name__ == "MSELogits" and objective.weight == 0.5
     record = run(cfg)
     assert record["status"] == "finished" and "train/loss_kd" in record["metrics"]
+    assert record["run_name"].startswith("distill-mlp64-mselogits-weight0.5-s1")
+    assert record["objective"]["knobs"] == ["kd.weight"] and record["metrics"]["train/weight"] == 0.5

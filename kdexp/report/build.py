@@ -15,6 +15,7 @@ from kdexp.report.errors import ReportError
 from kdexp.report.runs import (apply_where, check_metric, is_student_record, known_paths, objective_knobs,
                                runs_frame, with_axes)
 from kdexp.report.table import MODES, Table, build_table, default_better
+from kdexp.vocabulary import TEST_ACC
 
 DEFAULT_ROWS = ("student.width", "kd.temperature")
 DEFAULT_COLS = ("kd.alpha",)
@@ -26,7 +27,7 @@ class ReportSpec:
 
     rows: tuple[str, ...] = DEFAULT_ROWS
     cols: tuple[str, ...] = DEFAULT_COLS
-    metric: str = "test/acc"
+    metric: str = TEST_ACC
     where: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     split: bool = False

@@ -11,6 +11,7 @@ from kdexp.report.errors import ReportError
 from kdexp.report.formats import render_csv, render_latex, render_markdown, tidy_frame, write_text
 from kdexp.report.sources import load_sources
 from kdexp.report.table import Table
+from kdexp.vocabulary import TEST_ACC
 from kdexp.report.values import parse_assignments
 from kdexp.report.wandb_runs import WANDB_PREFIX, wandb_path
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated row axes (default: %(default)s)")
     table.add_argument("--cols", default=",".join(DEFAULT_COLS), metavar="KEYS",
                        help="comma-separated column axes, '' for one column (default: %(default)s)")
-    table.add_argument("--metric", default="test/acc",
+    table.add_argument("--metric", default=TEST_ACC,
                        help="metric to tabulate: test/acc (test at the best-val checkpoint; default), test/acc_last, "
                             "val/acc_best, test/agreement, test/ece, ... Accuracies are shown in %%")
     table.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",

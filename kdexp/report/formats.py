@@ -15,15 +15,8 @@ import pandas as pd
 
 from kdexp.report.table import DELTA_COLUMNS, PAIRED_COLUMNS, Table, is_accuracy_metric
 from kdexp.report.values import format_value, is_missing, sort_key
+from kdexp.vocabulary import METRIC_TITLES
 
-METRIC_TITLES = {
-    "test/acc": "test accuracy at the best-val checkpoint",
-    "test/acc_last": "test accuracy at the last epoch",
-    "val/acc_best": "best validation accuracy",
-    "val/acc": "validation accuracy at the last epoch",
-    "test/agreement": "test agreement with the teacher (same argmax)",
-    "test/ece": "test expected calibration error",
-}
 CE_LABEL, TEACHER_LABEL = "CE only", "teacher"
 
 

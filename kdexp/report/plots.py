@@ -16,12 +16,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kdexp.report.formats import METRIC_TITLES, scale_of
+from kdexp.report.formats import scale_of
 from kdexp.report.runs import axis_values, metric_values
 from kdexp.report.table import Table
 from kdexp.report.values import format_value, matches
+from kdexp.vocabulary import METRIC_TITLES, VAL_ACC_BEST
 
-SELECT_ON = "val/acc_best"  # what picks the KD setting shown per width (never a test metric)
+SELECT_ON = VAL_ACC_BEST  # what picks the KD setting shown per width (never a test metric)
 
 WIDTH, TEMPERATURE, ALPHA = "student.width", "kd.temperature", "kd.alpha"
 _KNOB_LABELS = {TEMPERATURE: "T (kd.temperature)", ALPHA: "α (kd.alpha)"}

@@ -16,7 +16,7 @@ import pandas as pd
 
 from kdexp.report.errors import ReportError
 from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
-from kdexp.vocabulary import flatten_config
+from kdexp.vocabulary import TEACHER_TEST_ACC, flatten_config
 
 # Record fields (not config) a table may key on.
 RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
@@ -60,7 +60,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "_choices": choices,
             "_metrics": metrics,
             "_teacher_hash": teacher.get("hash"),
-            "_teacher_acc": metrics.get("teacher/test_acc", teacher.get("test_acc")),
+            "_teacher_acc": metrics.get(TEACHER_TEST_ACC, teacher.get("test_acc")),
             "_data_fingerprint": record.get("data_fingerprint"),
             "_error": error.get("type"),
             "_source": record.get("_source") or record.get("output_dir") or record.get("run_name"),

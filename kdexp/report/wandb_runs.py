@@ -13,6 +13,7 @@ from typing import Any
 from kdexp.report.errors import ReportError
 from kdexp.report.values import parse_assignments, parse_scalar
 from kdexp.tracking import RUN_CONFIG_EXTRAS
+from kdexp.vocabulary import TEACHER_TEST_ACC
 
 WANDB_PREFIX = "wandb:"
 
@@ -73,8 +74,8 @@ def _record_from_run(run: Any) -> dict[str, Any]:
     config = _unflatten(_unwrap_values(dict(getattr(run, "config", None) or {})))
     extra = {key: config.pop(key, None) for key in RUN_CONFIG_EXTRAS}
     metrics = _numeric(_summary_dict(getattr(run, "summary", None)))
-    if "teacher/test_acc" not in metrics and isinstance(extra["teacher_test_acc"], (int, float)):
-        metrics["teacher/test_acc"] = float(extra["teacher_test_acc"])
+    if TEACHER_TEST_ACC not in metrics and isinstance(extra["teacher_test_acc"], (int, float)):
+        metrics[TEACHER_TEST_ACC] = float(extra["teacher_test_acc"])
     state = str(getattr(run, "state", "") or "").lower()
     status = _STATES.get(state, "running")
     job_type = extra["job_type"] or getattr(run, "job_type", None) or getattr(run, "jobType", None)

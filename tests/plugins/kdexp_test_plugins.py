@@ -30,6 +30,8 @@ class ExplodingKD(HintonKD):
 class MSELogits(DistillationObjective):
     """Logit matching (Ba & Caruana, 2014): the README's example of a plug-in objective."""
 
+    knobs = ("weight",)
+
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = weight
