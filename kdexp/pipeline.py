@@ -25,7 +25,7 @@ from torch import nn
 from kdexp.config import instantiate, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
-from kdexp.errors import ConfigError, RunInterrupted
+from kdexp.errors import CheckpointError, ConfigError, RunInterrupted
 from kdexp.files import load_weights
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
@@ -289,6 +289,21 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
 
 
 # -- a student run -----------------------------------------------------------------
+def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool) -> None:
+    """Refuse to distil from a teacher that scores no better than guessing (an untrained or broken file).
+
+    A record must not call a run "distilled" when there was nothing to distil; a
+    random-teacher control is still possible, on purpose, with ``+teacher.allow_untrained=true``.
+    """
+    chance = 1.0 / num_classes
+    if teacher.test_acc < 1.5 * chance and not allowed:
+        raise CheckpointError(
+            f"the teacher ({teacher.source}: {teacher.path}) scores {100 * teacher.test_acc:.1f} % on the test set, "
+            f"no better than chance ({100 * chance:.1f} % for {num_classes} classes): it looks untrained or broken. "
+            "Check teacher.checkpoint, or pass +teacher.allow_untrained=true for a deliberate random-teacher control."
+        )
+
+
 def same_as_before(before: str | None, now: str, what: str) -> None:
     """A resumed run continues only with the data and teacher it started with: never a mix of two."""
     if before is not None and before != now:
@@ -331,6 +346,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     recorder.update(data_fingerprint=fingerprint)
 
     teacher, members = get_teachers(cfg, datamodule)
+    require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)))
     if members:
         recorder.update(teachers=[{"hash": m.weights_hash, "test_acc": m.test_acc, "source": m.source, "path": m.path,
                                    "cache_key": m.cache_key} for m in members])

@@ -378,7 +378,7 @@ def test_crd_experiments_run_one_batch_on_cpu(experiment, tmp_path, monkeypatch)
     cfg = compose_config([f"experiment={experiment}", "trainer=cpu", f"paths.data_dir={tmp_path / 'data'}",
                           "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
                           "+trainer.limit_test_batches=1", "teacher.max_epochs=1", "logger=none",
-                          "data.eval_batch_size=16"], tmp_path)
+                          "data.eval_batch_size=16", "+teacher.allow_untrained=true"], tmp_path)
     record = run(cfg)
     assert record["status"] == "finished" and record["global_steps"] == 1
     assert 0.0 <= record["metrics"]["test/acc"] <= 1.0

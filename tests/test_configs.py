@@ -125,7 +125,9 @@ def test_logger_and_callback_configs(tmp_path):
             assert isinstance(instantiate(node), pl.Callback)
 
 
-ONE_BATCH = ["trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
+# A one-batch teacher scores about chance: allowed here on purpose (a real run refuses it).
+ONE_BATCH = ["+teacher.allow_untrained=true", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+             "+trainer.limit_val_batches=1",
              "+trainer.limit_test_batches=1", "teacher.max_epochs=1", "logger=none"]
 
 

@@ -184,3 +184,19 @@ def test_storage_errors_say_what_and_how(tmp_path):
 
     full = storage_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x", "run record")
     assert isinstance(full, StorageError) and "the disk is full" in str(full) and "Nothing half-written" in str(full)
+
+
+def test_an_untrained_teacher_is_refused_unless_asked_for(tmp_path):
+    from kdexp.models import CNN2D
+
+    torch.manual_seed(0)
+    torch.save(CNN2D([1, 8, 8], 10, width=32).state_dict(), tmp_path / "random.pt")
+    args = [*FAST, f"teacher.checkpoint={tmp_path / 'random.pt'}"]
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path / "cache")
+    assert proc.returncode == 2 and "no better than chance" in proc.stderr
+    assert load_record(tmp_path / "refused")["status"] == "failed"
+    control = run_cli([*args, "+teacher.allow_untrained=true", f"hydra.run.dir={tmp_path / 'control'}"],
+                      tmp_path / "cache")
+    assert control.returncode == 0, control.stderr[-2000:]
+    record = load_record(tmp_path / "control")
+    assert record["status"] == "finished" and record["config"]["teacher"]["allow_untrained"] is True
