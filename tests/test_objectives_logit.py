@@ -221,10 +221,28 @@ def test_hinge_kd_matches_numpy(logits, alpha):
     s, t, y = logits
     y_teacher = t.argmax(axis=1)
     assert (y_teacher != y).any()  # otherwise the two terms could not be told apart
-    terms = run(HingeKD(alpha=alpha), s, t, y)
+    terms = run(HingeKD(alpha=alpha, temperature=None), s, t, y)  # hard teacher labels
     assert set(terms) == {"loss_hinge", "loss_kd"}
     assert terms["loss_hinge"].item() == pytest.approx((1 - alpha) * np_hinge(s, y), rel=REL, abs=1e-15)
     assert terms["loss_kd"].item() == pytest.approx(alpha * np_hinge(s, y_teacher), rel=REL, abs=1e-15)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_soft_hinge_kd_is_the_hinge_expected_under_the_teacher_soft_labels(logits, T):
+    """Σ_j softmax(t/T)_j · max(0, 1 + max_{k≠j} s_k − s_j), written out sample by sample."""
+    s, t, y = logits
+    expected = 0.0
+    for i in range(len(s)):
+        z = t[i] / T
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        for j in range(s.shape[1]):
+            rival = max(s[i, k] for k in range(s.shape[1]) if k != j)
+            expected += p[j] * max(0.0, 1.0 + rival - s[i, j])
+    expected /= len(s)
+    terms = run(HingeKD(alpha=0.6, temperature=T), s, t, y)
+    assert terms["loss_kd"].item() == pytest.approx(0.6 * expected, rel=REL)
+    assert terms["loss_hinge"].item() == pytest.approx(0.4 * np_hinge(s, y), rel=REL)
 
 
 def test_hinge_is_zero_once_every_margin_reaches_one():
@@ -233,7 +251,7 @@ def test_hinge_is_zero_once_every_margin_reaches_one():
                   [0.0, 1.0, 4.0],     # margin 3
                   [-5.0, 10.0, 8.5]])  # margin 1.5
     assert run(MulticlassHinge(), s, None, y)["loss_hinge"].item() == 0.0
-    assert total_loss(run(HingeKD(alpha=0.5), s, s, y)).item() == 0.0  # teacher = student = labels
+    assert total_loss(run(HingeKD(alpha=0.5, temperature=None), s, s, y)).item() == 0.0  # teacher = labels
     s[0, 1] = 2.5  # margin 0.5 on the first sample: 0.5 / 3 on average
     assert run(MulticlassHinge(), s, None, y)["loss_hinge"].item() == pytest.approx(0.5 / 3, rel=REL)
 
@@ -304,7 +322,7 @@ def test_objectives_that_need_a_teacher_say_so(logits, cls):
 @pytest.mark.parametrize("option,cls,name,label,knobs", [
     ("dkd", DKD, "dkd", "dkd-beta8-T4", {"kd.beta": 8.0, "kd.temperature": 4.0}),
     ("dist", DIST, "dist", "dist-beta1-gamma1-T1", {"kd.beta": 1.0, "kd.gamma": 1.0, "kd.temperature": 1.0}),
-    ("svm", HingeKD, "hinge_kd", "hinge_kd-a0.5", {"kd.alpha": 0.5}),
+    ("svm", HingeKD, "hinge_kd", "hinge_kd-a0.5-T4", {"kd.alpha": 0.5, "kd.temperature": 4.0}),
     ("svm_none", MulticlassHinge, "hinge", "hinge", {}),
 ])
 def test_kd_configs_compose_and_run(tmp_path, logits, option, cls, name, label, knobs):

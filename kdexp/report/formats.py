@@ -127,7 +127,9 @@ def _row_labels(cell: pd.Series, rows: Sequence[str], kind: str) -> list[str]:
     if missing:
         labels[missing[0]] = name
     elif labels:
-        labels[-1] += f" ({name})"
+        # A baseline row named by its own objective (kd=svm_none, a hinge loss) is "no teacher", not "CE only".
+        own = kind == "baseline" and rows[-1] == "kd" and labels[-1] != "none"
+        labels[-1] += f" ({'no teacher' if own else name})"
     return labels
 
 
