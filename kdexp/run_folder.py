@@ -38,13 +38,13 @@ from filelock import FileLock, Timeout
 from kdexp.errors import RunBusyError, RunExistsError
 from kdexp.files import storage_error
 from kdexp.records import RECORD_NAME, read_record
-from kdexp.vocabulary import run_identity
+from kdexp.vocabulary import ARCHIVE_DIR, run_identity
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".kdexp.lock"
 OWNER_NAME = ".kdexp.owner"
-ARCHIVE_NAME = "archive"
+ARCHIVE_NAME = ARCHIVE_DIR
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 RESUMABLE_STATUSES = ("running", "interrupted")
 # Entries that belong to the folder, not to any one run of it.

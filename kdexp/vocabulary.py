@@ -29,6 +29,9 @@ METRIC_TITLES = {
     "test/ece": "test expected calibration error",
 }
 
+# Where a run folder keeps earlier runs it replaced (never deleted; never in a report).
+ARCHIVE_DIR = "archive"
+
 # -- bookkeeping ------------------------------------------------------------------------
 # Settings that do not change what a run computes.
 BOOKKEEPING_KEYS = frozenset({

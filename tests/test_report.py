@@ -574,3 +574,14 @@ def test_width_plot_picks_the_kd_setting_on_validation_not_test(tmp_path):
     assert len(chosen) == 1
     assert (float(chosen["_t"].iloc[0]), float(chosen["_a"].iloc[0])) == (8.0, 0.9)
     assert chosen["mean"].iloc[0] == pytest.approx(0.65)
+
+
+def test_archived_runs_are_left_out(tmp_path, capsys):
+    """A rerun moves the old run to <run>/archive/<time>/: the table shows only the current one."""
+    for job, (width, seed) in enumerate((w, s) for w in WIDTHS for s in SEEDS):
+        make_record(tmp_path / "ce" / str(job), width=width, seed=seed)
+    make_record(tmp_path / "ce" / "0" / "archive" / "2026-01-01T00-00-00", width=WIDTHS[0], seed=SEEDS[0], acc=0.01)
+    code, out, err = run_report([tmp_path / "ce"], capsys)
+    assert code == 0 and "1 archived run(s)" in err
+    header, rows = md_rows(out)
+    assert rows[(f"{WIDTHS[0]} (CE only)",)] == [fmt(ce_values(WIDTHS[0]))]

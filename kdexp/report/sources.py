@@ -10,19 +10,28 @@ from kdexp.records import RECORD_NAME, read_record
 from kdexp.report import wandb_runs
 from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_student_record
+from kdexp.vocabulary import ARCHIVE_DIR
 
 
 def records_from_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every readable record below ``folder`` (or the record file itself), and notes on unreadable ones."""
+    """Every readable record below ``folder`` (or the record file itself), and notes on unreadable ones.
+
+    Runs moved aside by a rerun (``archive/`` inside a run folder: ``if_finished=rerun``,
+    ``kdexp sweep --force``) are superseded and left out.
+    """
     root = Path(folder)
+    archived: list[Path] = []
     if root.is_file() and root.name == RECORD_NAME:
         paths = [root]
     elif root.is_dir():
         paths = sorted(root.rglob(RECORD_NAME))
+        archived = [p for p in paths if ARCHIVE_DIR in p.relative_to(root).parts[:-1]]
+        paths = [p for p in paths if p not in archived]
     else:
         raise ReportError(f"'{folder}' is neither a folder nor a {RECORD_NAME}: pass a run or sweep folder "
                           "(e.g. outputs/sweeps/<name>) or wandb:ENTITY/PROJECT.")
-    records, notes = [], []
+    records: list[dict[str, Any]] = []
+    notes = [f"{len(archived)} archived run(s) under {root} left out (superseded by a rerun)"] if archived else []
     for path in paths:
         record = read_record(path.parent)
         if not isinstance(record, dict):
