@@ -34,8 +34,10 @@ def uninterrupted(tmp_path_factory):
     return base, load_record(base / "whole")
 
 
-@pytest.mark.parametrize("stop, exit_code, status", [("SIGKILL", -9, "running"), ("SIGTERM", 130, "interrupted"),
-                                                     ("SIGUSR1", 130, "interrupted")])
+@pytest.mark.parametrize("stop, exit_code, status", [
+    ("SIGKILL", -9, "running"), ("SIGTERM", 130, "interrupted"),
+    pytest.param("SIGUSR1", 130, "interrupted", marks=pytest.mark.slow),  # the SIGTERM path, entered by SIGUSR1
+])
 def test_a_killed_run_resumes_to_the_same_result(uninterrupted, stop, exit_code, status):
     base, whole = uninterrupted
     folder = base / stop
