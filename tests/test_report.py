@@ -585,3 +585,25 @@ def test_archived_runs_are_left_out(tmp_path, capsys):
     assert code == 0 and "1 archived run(s)" in err
     header, rows = md_rows(out)
     assert rows[(f"{WIDTHS[0]} (CE only)",)] == [fmt(ce_values(WIDTHS[0]))]
+
+
+def test_default_axes_are_the_objectives_own_knobs(tmp_path, capsys):
+    """A DKD sweep (knobs kd.beta, kd.temperature) gets width × β rows and T columns without flags."""
+    from kdexp.records import write_record
+
+    for job, (width, seed, beta) in enumerate((w, s, b) for w in WIDTHS for s in SEEDS for b in (1.0, 8.0)):
+        folder = tmp_path / "dkd" / str(job)
+        record = make_record(folder, width=width, seed=seed, temperature=4.0, alpha=1.0,
+                             acc=0.6 + 0.01 * beta + 0.001 * seed)
+        record["config"]["kd"] = {"_target_": "kdexp.objectives.dkd.DKD", "alpha": 1.0, "beta": beta,
+                                  "temperature": 4.0, "ce_weight": 1.0, "warmup_epochs": 20}
+        record["choices"]["kd"] = record["config"]["choices"]["kd"] = "dkd"
+        record["objective"] = {"name": "dkd", "label": f"dkd-beta{beta:g}-T4", "target": "kdexp.objectives.dkd.DKD",
+                               "knobs": ["kd.beta", "kd.temperature"]}
+        write_record(folder, record)
+    code, out, err = run_report([tmp_path / "dkd"], capsys)
+    assert code == 0, err
+    header, rows = md_rows(out)
+    assert header == ["student.width", "kd.beta", "kd.temperature=4"]
+    assert set(rows) - {("teacher", "")} == {(str(w), b) for w in WIDTHS for b in ("1", "8")}
+    assert "kd=dkd" in out
