@@ -52,7 +52,7 @@ def sweep_main(argv: list[str]) -> int:
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
-    sweep.check_points(points, args.overrides)  # every point composes and validates, or nothing runs
+    sweep.check_points(points)  # every point composes and validates, or nothing runs
     if args.dry_run:
         print(sweep.dry_run(points, sweep_dir, args.force))
         return 0

@@ -362,9 +362,9 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     student = instantiate(cfg.student)
     schedules = build_schedules(cfg)
     job_type = "distill" if objective.needs_teacher else "baseline"
-    run_name = run_name_for(cfg, job_type, objective_label(objective, schedules))
-    parameters = count_parameters(student)
     identity = {**objective.identity(), "label": objective_label(objective, schedules)}
+    run_name = run_name_for(cfg, job_type, identity["label"])
+    parameters = count_parameters(student)
     recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity)
 
     wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,

@@ -136,11 +136,12 @@ def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int =
     return points
 
 
-def check_points(points: list[GridPoint], overrides: list[str]) -> None:
+def check_points(points: list[GridPoint]) -> None:
     """Compose and validate every grid point before anything runs; one message lists all that fail.
 
     Catches what would otherwise abort the multirun at its first bad job (an option
     that does not exist, ``kd: hintn``) or fail each run on its own (``kd.temperature=-1``).
+    A point from :func:`grid` holds every override of the run (command-line ones included).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -148,16 +149,12 @@ def check_points(points: list[GridPoint], overrides: list[str]) -> None:
     from kdexp.train import CONF_DIR
     from kdexp.validation import validate_config
 
-    extra = [o for o in overrides if "=" in o and not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    single = {o.split("=", 1)[0]: o for o in extra if "," not in o.split("=", 1)[1]}
     problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         for point in points:
-            keys = {item.split("=", 1)[0] for item in point}
-            job = [*point, *(o for k, o in single.items() if k not in keys)]
             try:
-                cfg = compose("train", overrides=[*job, "paths.root_dir=.", "paths.output_dir=."],
+                cfg = compose("train", overrides=[*point, "paths.root_dir=.", "paths.output_dir=."],
                               return_hydra_config=False)
                 with open_dict(cfg):
                     cfg.choices = _choices_of(point)

@@ -94,6 +94,8 @@ RANGES: tuple[Range, ...] = (
     Range("scheduler.T_max", int, 1),
 )
 
+RANGE_BY_KEY = {rule.key: rule for rule in RANGES}
+
 CHOICES: dict[str, tuple[Any, ...]] = {
     "if_finished": ("error", "skip", "rerun"),
     "resume": (True, False),
@@ -180,7 +182,7 @@ def validate_config(cfg: DictConfig) -> None:
     with torch.random.fork_rng(devices=[]):
         teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
         student = _build(cfg, cfg.student, "student", "student")
-        objective = _build(cfg, cfg.kd, "kd", "kd")
+        objective = instantiate(cfg.kd, what="kd")  # its own errors name its keys; it does not "fit" data
     _check_schedules(cfg, objective)
     _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
     _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
@@ -206,7 +208,7 @@ def _check_extra_teachers(cfg: DictConfig, objective: Any) -> None:
             raise ConfigError(f"teachers[{i}] must be a teacher node with a 'model' (like conf/teacher/*.yaml), "
                               f"got {node!r}.")
         for key in ("max_epochs", "seed"):
-            rule = next(r for r in RANGES if r.key == f"teacher.{key}")
+            rule = RANGE_BY_KEY[f"teacher.{key}"]
             value = node.get(key)
             if value is not None and rule.check(value):
                 raise ConfigError(f"teachers[{i}].{key}={value!r} {rule.check(value)}: it must be {rule.describe()}.")
@@ -217,7 +219,6 @@ def _check_extra_teachers(cfg: DictConfig, objective: Any) -> None:
 
 def _check_schedules(cfg: DictConfig, objective: Any) -> None:
     """Each scheduled setting exists on the objective and stays in its valid range at every epoch."""
-    ranges = {rule.key: rule for rule in RANGES}
     max_epochs = int(_get(cfg, "trainer.max_epochs"))
     for name, node in (cfg.get("schedule") or {}).items():
         if not node:
@@ -227,7 +228,7 @@ def _check_schedules(cfg: DictConfig, objective: Any) -> None:
             raise ConfigError(f"schedule.{name}: the objective ({type(objective).__name__}, kd={_choice(cfg, 'kd')}) "
                               f"has no setting '{name}' to schedule; its knobs: {knobs}.")
         schedule = instantiate(node, what=f"schedule.{name}")
-        rule = ranges.get(f"kd.{name}")
+        rule = RANGE_BY_KEY.get(f"kd.{name}")
         if rule is None:
             continue
         for epoch, value in enumerate(schedule.values(max_epochs)):

@@ -11,6 +11,7 @@ resumed only into a run whose config agrees on everything else.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,8 +71,6 @@ def run_identity(config: Mapping[str, Any]) -> dict[str, str]:
     Values are compared by their JSON text with ints and floats unified, so a config
     read back from a record equals the live one (``8`` == ``8.0``).
     """
-    import json
-
     def canonical(value: Any) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
