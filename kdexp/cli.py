@@ -15,6 +15,8 @@ commands:
   demo   [overrides]          teacher → Hinton-KD student and CE-only student on MNIST-1D, with a summary
   sweep  FILE [overrides]     run a sweep file (W&B format) locally as a Hydra multirun, or create it on W&B
   report SOURCE... [options]  ablation table (mean ± std over seeds) and plots from run records or W&B
+  bench  [overrides] [options] time CE / online KD / cached KD epochs against bare PyTorch loops, and whole runs
+  predict --out FILE [overrides]  run the teacher once over the data; student runs read it (teacher.predictions=FILE)
 """
 
 
@@ -85,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(rest)
         if command == "sweep":
             return sweep_main(rest)
+        if command == "bench":
+            from kdexp import bench
+
+            return bench.main(rest)
+        if command == "predict":
+            from kdexp import predict
+
+            return predict.main(rest)
         if command == "report":
             from kdexp.report.cli import main as report_main
 

@@ -40,6 +40,20 @@ def to_plain(cfg: DictConfig | None) -> Any:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
+# Keys of the ``kd`` node that say how a run obtains its teacher's outputs; they are not
+# arguments of the objective, so they are left out when it is built.
+RUN_LEVEL_KD_KEYS = ("cache_teacher",)
+
+
+def objective_node(cfg: DictConfig) -> DictConfig:
+    """``cfg.kd`` without :data:`RUN_LEVEL_KD_KEYS`: the objective's own constructor arguments."""
+    node = cfg.kd.copy()
+    OmegaConf.set_struct(node, False)
+    for key in RUN_LEVEL_KD_KEYS:
+        node.pop(key, None)
+    return node
+
+
 def instantiate(node: Any, *, what: str | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with errors that show their real cause.
 

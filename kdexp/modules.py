@@ -7,6 +7,7 @@ once per epoch, never with a ``self.log`` call per step.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -23,6 +24,7 @@ from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
+from kdexp.teacher_outputs import TeacherOutputStore
 from kdexp.vocabulary import VAL_ACC
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -73,6 +75,14 @@ class EvalMetrics(nn.Module):
             metric.reset()
 
 
+# Attributes set on the module many times per training step: Lightning sets
+# `_current_fx_name` around each of the ~25 hook calls of a step, and the step counts
+# `_loss_steps`. nn.Module.__setattr__ checks every value against parameters, buffers and
+# submodules (a quarter of a millisecond per step in all, a tenth of a width-128 MLP's
+# step); these only ever hold plain values, so they are set directly.
+_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_loss_steps"})
+
+
 class SupervisedModule(pl.LightningModule):
     """Trains ``model`` with ``objective`` (cross-entropy by default) on ``(x, y, index)`` batches.
 
@@ -110,6 +120,12 @@ class SupervisedModule(pl.LightningModule):
             FeatureHooks(model, self.objective.student_features) if self.objective.student_features else None
         )
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in _PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- forward ----------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -119,7 +135,7 @@ class SupervisedModule(pl.LightningModule):
         features = self._student_hooks.pop() if self._student_hooks else {}
         return ModelOutputs(logits, features)
 
-    def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs | None:
+    def teacher_outputs(self, x: Tensor, index: Tensor, split: str = "train") -> ModelOutputs | None:
         """No teacher here; :class:`DistillationModule` overrides this."""
         return None
 
@@ -127,7 +143,7 @@ class SupervisedModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, index = batch
         student = self.student_outputs(x)
-        teacher = self.teacher_outputs(x, index) if self.objective.needs_teacher else None
+        teacher = self.teacher_outputs(x, index, "train") if self.objective.needs_teacher else None
         terms = self.objective(student, teacher, y)
         loss = total_loss(terms)
         if self.check_finite_every_n_steps and self.global_step % self.check_finite_every_n_steps == 0:
@@ -136,7 +152,8 @@ class SupervisedModule(pl.LightningModule):
         return loss
 
     def _check_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
-        if not torch.isfinite(loss):
+        # One host read of the scalar (a sync on a GPU either way): cheaper than torch.isfinite + bool().
+        if not math.isfinite(loss.detach().item()):
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at global step {self.global_step} "
@@ -173,16 +190,16 @@ class SupervisedModule(pl.LightningModule):
         self._loss_sums, self._loss_steps = {}, 0
 
     # -- evaluation -------------------------------------------------------------
-    def _eval_step(self, batch: Batch, metrics: EvalMetrics) -> None:
+    def _eval_step(self, batch: Batch, metrics: EvalMetrics, split: str) -> None:
         x, y, index = batch
         logits = self.model(x)
         if self._student_hooks:
             self._student_hooks.pop()
-        teacher = self.teacher_outputs(x, index)
+        teacher = self.teacher_outputs(x, index, split)
         metrics.update(logits, y, teacher.logits if teacher is not None else None)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -195,7 +212,7 @@ class SupervisedModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
@@ -237,38 +254,52 @@ class DistillationModule(SupervisedModule):
     the teacher stays in eval mode even when Lightning puts the module in train mode,
     so its BatchNorm statistics and dropout never change. With a CE-only objective
     (``kd=none``) the teacher is only used to report agreement, never in the loss.
+
+    With ``teacher_store`` (precomputed outputs, :mod:`kdexp.teacher_outputs`) the
+    teacher's outputs are looked up by split and sample index instead of computed;
+    ``teacher`` may then be None (a saved-predictions run).
     """
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, optimizer: OptimizerFactory,
-                 num_classes: int, objective: DistillationObjective, **kwargs) -> None:
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, optimizer: OptimizerFactory,
+                 num_classes: int, objective: DistillationObjective,
+                 teacher_store: TeacherOutputStore | None = None, **kwargs) -> None:
         super().__init__(model=model, optimizer=optimizer, num_classes=num_classes, objective=objective, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        if teacher is None and teacher_store is None:
+            raise ValueError("a DistillationModule needs a teacher model or a store of its outputs")
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.teacher_store = teacher_store
         self._teacher_hooks = (
-            FeatureHooks(teacher, objective.teacher_features) if objective.teacher_features else None
+            FeatureHooks(teacher, objective.teacher_features)
+            if objective.teacher_features and teacher is not None and teacher_store is None else None
         )
 
     def train(self, mode: bool = True) -> "DistillationModule":
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     @torch.no_grad()
-    def bind_objective(self, example_x: Tensor) -> None:
-        """Probe forward pass on one batch, then ``objective.bind``: sizes the objective's
-        trainable parts before the optimiser is built (see :mod:`kdexp.objectives.base`)."""
+    def bind_objective(self, example_x: Tensor, example_index: Tensor | None = None) -> None:
+        """Probe forward pass on one training batch (``example_index``: its samples' indices in
+        the train split; by default the first ``len(example_x)``), then ``objective.bind``: sizes the objective's trainable parts before the optimiser is
+        built (see :mod:`kdexp.objectives.base`)."""
         was_training = self.model.training
         self.model.eval()
         try:
             student = self.student_outputs(example_x)
-            teacher = self.teacher_outputs(example_x, torch.arange(len(example_x)))
+            index = example_index if example_index is not None else torch.arange(len(example_x))
+            teacher = self.teacher_outputs(example_x, index, "train")
         finally:
             self.model.train(was_training)
         self.objective.bind(student, teacher if self.objective.needs_teacher else None)
 
-    @torch.no_grad()
-    def teacher_outputs(self, x: Tensor, index: Tensor) -> ModelOutputs:
-        # The single place teacher outputs come from, so a lookup of precomputed
-        # logits (keyed by ``index``) can replace the forward pass here.
+    @torch.no_grad()  # not inference_mode: the teacher's outputs are saved for the student's backward pass
+    def teacher_outputs(self, x: Tensor, index: Tensor, split: str = "train") -> ModelOutputs:
+        # The single place teacher outputs come from: looked up by (split, sample index)
+        # when precomputed, else a forward pass of the frozen teacher.
+        if self.teacher_store is not None:
+            return self.teacher_store.outputs(split, index)
         if isinstance(self.teacher, TeacherEnsemble):  # several teachers: each one's view, and their average
             members = self.teacher.member_logits(x)
             return ModelOutputs(average_probability_logits(members), {}, members)

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from kdexp.config import instantiate, to_plain
+from kdexp.config import instantiate, objective_node, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import CheckpointError, ConfigError, RunInterrupted
@@ -34,6 +34,7 @@ from kdexp.objectives.base import DistillationObjective
 from kdexp.records import RunRecorder
 from kdexp.schedules import Schedule
 from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
+from kdexp.teacher_outputs import TeacherOutputStore, cached_store, compute_store, identity_mismatch, read_store
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST
 
@@ -135,16 +136,17 @@ def choice(cfg: DictConfig, group: str) -> str:
 
 
 def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMemoryDataModule,
-                 ckpt_path: Path | None = None) -> dict[str, float]:
+                 ckpt_path: Path | None = None, recorder: RunRecorder | None = None) -> dict[str, float]:
     """Fit (continuing from ``ckpt_path`` when given), then test at the last epoch
     (``test/*_last``) and at the best-val checkpoint (``test/*``).
 
     Checkpoints are read weights-only: resuming never runs code from a file.
     """
+    timed = recorder.timed if recorder is not None else _untimed
     if ckpt_path is not None:
         load_weights(ckpt_path, what="checkpoint to resume from")  # refuses, with a clear message, a file that runs code
     try:
-        with preemption_signals_stop_gracefully(trainer):
+        with preemption_signals_stop_gracefully(trainer), timed("fit"):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                         weights_only=True)
     except SystemExit as stop:
@@ -156,15 +158,21 @@ def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMe
                           "limit_train_batches.")
     metrics = dict(module.restored_metrics)  # a resumed run with no epoch left still reports its last epoch
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
-    module.test_suffix = "_last"
-    metrics.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
-    module.test_suffix = ""
-    has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-    metrics.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None,
-                                weights_only=True, verbose=False)[0])
+    with timed("test"):
+        module.test_suffix = "_last"
+        metrics.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+        module.test_suffix = ""
+        has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+        metrics.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None,
+                                    weights_only=True, verbose=False)[0])
     if has_best:
         metrics["best_val_score"] = float(trainer.checkpoint_callback.best_model_score)
     return metrics
+
+
+@contextmanager
+def _untimed(part: str) -> Iterator[None]:
+    yield
 
 
 def raise_if_interrupted(trainer: pl.Trainer, stop: SystemExit) -> None:
@@ -213,7 +221,8 @@ def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
         recorder.finish("failed", err)
         finish_wandb(exit_code=1)
         raise
-    finish_wandb()
+    with recorder.timed("logger_finish"):
+        finish_wandb()
     recorder.finish("finished")
 
 
@@ -288,6 +297,94 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     return float(metrics[TEST_ACC])
 
 
+# -- the teacher's outputs ---------------------------------------------------------
+# Data settings that change how many samples a batch holds or their order, never a sample's
+# input as the teacher sees it: left out of the teacher-outputs identity.
+_DATA_KEYS_NOT_IN_OUTPUTS = {"batch_size", "eval_batch_size", "shuffle_seed", "cache_dir", "data_dir", "download"}
+
+
+def teacher_output_identity(cfg: DictConfig, teacher: Teacher, fingerprint: str, members: int,
+                            teacher_layers: list[str]) -> dict[str, Any]:
+    """What a teacher-outputs file must have been computed from to serve this run."""
+    return {
+        "teacher_hash": teacher.weights_hash,
+        **data_identity(cfg, fingerprint),
+        "teacher_layers": sorted(teacher_layers),
+        "members": members,
+        "num_threads": cfg.get("num_threads"),
+        "teacher": {"test_acc": teacher.test_acc, "source": teacher.source, "path": teacher.path,
+                    "model": to_plain(cfg.teacher.model)},
+    }
+
+
+def data_identity(cfg: DictConfig, fingerprint: str) -> dict[str, Any]:
+    """The inputs as the teacher sees them: every split's content and the settings that shape a sample."""
+    return {"data_fingerprint": fingerprint,
+            "data_transform": {k: v for k, v in to_plain(cfg.data).items() if k not in _DATA_KEYS_NOT_IN_OUTPUTS}}
+
+
+def read_predictions(cfg: DictConfig, datamodule: InMemoryDataModule) -> TeacherOutputStore | None:
+    """The ``teacher.predictions`` file, checked against this run's data before any teacher is loaded."""
+    path = cfg.teacher.get("predictions")
+    if not path:
+        return None
+    if datamodule.train_augmentation() is not None:
+        raise ConfigError(f"teacher.predictions is set, but data={choice(cfg, 'data')} augments its training "
+                          "inputs at random: saved predictions hold the teacher's outputs on un-augmented inputs, "
+                          "not on the views the student would see. Drop teacher.predictions (the teacher then "
+                          "runs online), or use data without augmentation.")
+    store = read_store(path, "teacher predictions file (teacher.predictions)")
+    _refuse_other_origin(store, data_identity(cfg, datamodule.fingerprint()), path)
+    return store
+
+
+def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], path: str) -> None:
+    problems = identity_mismatch(store, expected)
+    if problems:
+        raise CheckpointError(
+            f"teacher.predictions={path} was written for another teacher or data set (" + "; ".join(problems)
+            + "). Write it again with `kdexp predict` and this run's teacher/data/kd overrides, or drop "
+            "teacher.predictions to run the teacher."
+        )
+
+
+def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher: Teacher, members: int,
+                        objective: DistillationObjective, predictions: TeacherOutputStore | None = None,
+                        ) -> tuple[TeacherOutputStore | None, dict[str, Any]]:
+    """Where this run's teacher outputs come from, and a note of it for the record and W&B.
+
+    ``predictions`` (from :func:`read_predictions`) must come from this very teacher.
+    Otherwise ``kd.cache_teacher``: ``auto`` (the default) and ``true`` share one cached
+    computation per teacher and data set; ``false`` runs the teacher on every batch.
+    With random augmentation the teacher always runs online, on the very view the
+    student sees: a cache holds one view per sample, and a student trained against the
+    teacher's view of another crop (or of the un-augmented input) would learn another
+    target than the objective defines.
+    """
+    mode = cfg.kd.get("cache_teacher", "auto")
+    identity = teacher_output_identity(cfg, teacher, datamodule.fingerprint(), members,
+                                       list(objective.teacher_features))
+    if predictions is not None:
+        _refuse_other_origin(predictions, identity, str(cfg.teacher.predictions))
+        return predictions, {"source": "predictions", "path": str(predictions.path)}
+    if mode is False or mode == "false":
+        return None, {"source": "online", "reason": "kd.cache_teacher=false"}
+    if datamodule.train_augmentation() is not None:
+        if mode is True or mode == "true":
+            raise ConfigError(f"kd.cache_teacher=true, but data={choice(cfg, 'data')} augments its training "
+                              "inputs at random, and cached outputs would be the teacher's view of other inputs "
+                              "than the student sees. Use kd.cache_teacher=auto (the teacher then runs online "
+                              "for augmented data) or false.")
+        return None, {"source": "online", "reason": "random augmentation"}
+
+    def compute() -> TeacherOutputStore:
+        log.debug("Computing the teacher's outputs on every split once (shared by all runs of this teacher and data)")
+        return compute_store(teacher.model, datamodule.eval_batches, identity)
+
+    store, what = cached_store(Path(cfg.paths.cache_dir) / "teacher_outputs", identity, compute)
+    return store, {"source": "cache", "path": str(store.path), "computed": what == "computed"}
+
+
 # -- a student run -----------------------------------------------------------------
 def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool) -> None:
     """Refuse to distil from a teacher that scores no better than guessing (an untrained or broken file).
@@ -338,14 +435,17 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     """
     output_dir = recorder.folder
     apply_num_threads(cfg.get("num_threads"))
-    datamodule: InMemoryDataModule = instantiate(cfg.data)
-    datamodule.setup()
-    fingerprint = datamodule.fingerprint()
+    with recorder.timed("data"):
+        datamodule: InMemoryDataModule = instantiate(cfg.data)
+        datamodule.setup()
+        fingerprint = datamodule.fingerprint()
     if resume_from is not None:
         same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
     recorder.update(data_fingerprint=fingerprint)
+    predictions = read_predictions(cfg, datamodule)  # a file for other data is refused before a teacher is trained
 
-    teacher, members = get_teachers(cfg, datamodule)
+    with recorder.timed("teacher"):
+        teacher, members = get_teachers(cfg, datamodule)
     require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)))
     if members:
         recorder.update(teachers=[{"hash": m.weights_hash, "test_acc": m.test_acc, "source": m.source, "path": m.path,
@@ -358,7 +458,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
     # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
     pl.seed_everything(int(cfg.seed), verbose=False)
-    objective = instantiate(cfg.kd)
+    objective = instantiate(objective_node(cfg), what="kd")
     student = instantiate(cfg.student)
     schedules = build_schedules(cfg)
     job_type = "distill" if objective.needs_teacher else "baseline"
@@ -366,15 +466,20 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     run_name = run_name_for(cfg, job_type, identity["label"])
     parameters = count_parameters(student)
     recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity)
+    with recorder.timed("teacher_outputs"):
+        teacher_store, outputs_note = get_teacher_outputs(cfg, datamodule, teacher, len(members), objective,
+                                                         predictions)
+    recorder.update(teacher_outputs=outputs_note)
 
     wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
                                     teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
                                     student_parameters=parameters, output_dir=str(output_dir),
-                                    objective=identity)
+                                    objective=identity, teacher_outputs=outputs_note)
     previous_wandb = recorder.record.get("wandb") or {}
-    logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
-                          run_id=previous_wandb.get("id") if resume_from is not None else None,
-                          objective_name=objective.name)
+    with recorder.timed("logger_start"):
+        logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
+                              run_id=previous_wandb.get("id") if resume_from is not None else None,
+                              objective_name=objective.name)
     recorder.update(wandb=wandb_run_info(logger))
     if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
         logger.log_metrics({TEACHER_TEST_ACC: teacher.test_acc}, step=0)
@@ -382,11 +487,12 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DistillationModule(model=student, teacher=teacher.model, objective=objective,
                                 optimizer=instantiate(cfg.optimizer), scheduler=scheduler, schedules=schedules,
-                                num_classes=int(cfg.data.num_classes))
-    module.bind_objective(next(iter(datamodule.eval_batches("train")))[0])  # adapters exist before the optimiser
+                                num_classes=int(cfg.data.num_classes), teacher_store=teacher_store)
+    probe_x, _, probe_index = next(iter(datamodule.eval_batches("train")))
+    module.bind_objective(probe_x, probe_index)  # adapters exist before the optimiser
     initial = {"val/acc_init": evaluate_accuracy(student, datamodule.eval_batches("val"))}
     trainer = build_trainer(cfg, output_dir, logger)
-    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from), TEACHER_TEST_ACC: teacher.test_acc}
+    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from, recorder), TEACHER_TEST_ACC: teacher.test_acc}
     recorder.update(metrics=metrics, epochs=trainer.current_epoch, global_steps=trainer.global_step,
                     checkpoints=checkpoint_files(output_dir))
     return recorder.record

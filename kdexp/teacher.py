@@ -29,6 +29,8 @@ CACHE_FORMAT = 2  # 2: zoo models with named stages (parameter names changed)
 TEACHER_FILE = "teacher.pt"
 # Data settings that do not change what a teacher learns; left out of the cache key.
 _DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size"}
+# Teacher settings about how a run uses its teacher, not how the teacher is trained.
+_TEACHER_KEYS_NOT_IN_KEY = {"checkpoint", "predictions", "allow_untrained"}
 # Trainer settings that only change what is displayed; everything else (limits,
 # precision, clipping, devices) is part of the key. The teacher has its own max_epochs.
 _TRAINER_KEYS_NOT_IN_KEY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps",
@@ -60,7 +62,7 @@ def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], tra
     """Key of a trained teacher: architecture, training recipe, data and trainer settings."""
     payload = {
         "format": CACHE_FORMAT,
-        "teacher": {k: v for k, v in teacher_cfg.items() if k != "checkpoint"},
+        "teacher": {k: v for k, v in teacher_cfg.items() if k not in _TEACHER_KEYS_NOT_IN_KEY},
         "data": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_KEY},
         "trainer": {k: v for k, v in trainer_cfg.items() if k not in _TRAINER_KEYS_NOT_IN_KEY},
     }
@@ -188,5 +190,5 @@ def load_cached_teacher(build_model: Callable[[], nn.Module], path: Path, num_cl
     if meta.get("test_acc") is not None and abs(test_acc - float(meta["test_acc"])) > 1e-6:
         log.warning("Cached teacher %s: test accuracy measured now %.4f, stored %.4f (another CPU kind or "
                     "torch build?); the record keeps the measured value.", path, test_acc, meta["test_acc"])
-    log.info("Reusing cached teacher %s (hash %s, test acc %.4f)", path, loaded, test_acc)
+    log.debug("Reusing cached teacher %s (hash %s, test acc %.4f)", path, loaded, test_acc)
     return Teacher(model.eval(), loaded, test_acc, "cache", str(path), cache_key)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from kdexp.console import wandb_settings
+
 if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so `kdexp report` starts fast
     from pytorch_lightning.loggers import Logger
 
@@ -25,7 +27,7 @@ WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run go
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
 RUN_CONFIG_EXTRAS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "student_parameters",
-                     "output_dir", "objective")
+                     "output_dir", "objective", "teacher_outputs")
 
 
 def wandb_run_config(config: dict[str, Any], **extras: Any) -> dict[str, Any]:
@@ -91,6 +93,18 @@ def resolve_wandb_mode(requested: str = "auto") -> tuple[str, str]:
     return mode, reason + (" and the server is reachable" if mode == "online" else "")
 
 
+_announced_modes: set[tuple[str, str]] = set()
+
+
+def announce_wandb_mode(mode: str, reason: str) -> None:
+    """Say the W&B mode and why, once per process (a teacher's run and a sweep's later runs repeat it at DEBUG)."""
+    if (mode, reason) in _announced_modes:
+        log.debug("W&B mode: %s (%s)", mode, reason)
+        return
+    _announced_modes.add((mode, reason))
+    log.info("W&B mode: %s (%s)", mode, reason)
+
+
 def wandb_logger(
     save_dir: str | Path,
     run_name: str,
@@ -103,27 +117,35 @@ def wandb_logger(
     tags: list[str] | None = None,
     log_model: bool = False,
     run_id: str | None = None,
+    verbose: bool = False,
 ) -> Logger:
     """A Lightning ``WandbLogger`` whose run lives under ``save_dir/wandb``.
 
     ``run_id``: continue that run (a resumed kdexp run logs into its own W&B run,
-    not a second one).
+    not a second one). ``verbose``: let W&B print its banners and run history
+    (see :mod:`kdexp.console`; ``WANDB_SILENT`` / ``WANDB_QUIET`` set by the user win).
     """
     from pytorch_lightning.loggers import WandbLogger
 
     import wandb
 
     resolved, reason = resolve_wandb_mode(mode)
-    log.info("W&B mode: %s (%s)", resolved, reason)
+    announce_wandb_mode(resolved, reason)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    console_settings = wandb_settings(verbose)
 
     def make(mode_now: str) -> WandbLogger:
         logger = WandbLogger(
             name=run_name, save_dir=str(save_dir), project=project, entity=entity, group=group, job_type=job_type,
             tags=list(tags or []), config=config or {}, mode=mode_now, log_model=log_model,
-            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, **console_settings),
             **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
+        # Lightning 2.6 always passes anonymous=None ("not set") to wandb.init, which W&B 0.31 answers
+        # with a deprecation warning, printed before any setting applies; left out, it means the same.
+        init_kwargs = getattr(logger, "_wandb_init", {})
+        if "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
+            del init_kwargs["anonymous"]
         logger.experiment  # start the run now, so a failure to start is handled here, not mid-fit  # noqa: B018
         return logger
 
@@ -158,7 +180,8 @@ def wandb_run_info(logger: Logger | None) -> dict[str, Any] | None:
         "project": getattr(run, "project", None),
         "mode": getattr(getattr(run, "settings", None), "mode", None),
         "dir": str(Path(run.dir).parent) if getattr(run, "dir", None) else None,
-        "url": getattr(run, "url", None),
+        # An offline run has no URL (reading it prints a W&B warning).
+        "url": None if getattr(run, "offline", False) else getattr(run, "url", None),
     }
 
 

@@ -3,7 +3,8 @@
     python -m kdexp.train data=mnist1d student=mlp student.width=128 \\
         kd=hinton kd.temperature=4 kd.alpha=0.9 seed=1
 
-Reads top to bottom: check the config, claim the output folder (one writer; a
+Reads top to bottom: quiet the console (``verbose=true`` keeps Lightning's and
+W&B's own output), check the config, claim the output folder (one writer; a
 finished run is never touched, a killed one is resumed), open the run record,
 run the experiment, close W&B, print where everything landed. ``--help`` and
 ``--cfg job`` show the composed config as Hydra does.
@@ -20,12 +21,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import kdexp  # noqa: F401  (registers the config resolvers)
 from kdexp.config import to_plain
+from kdexp.console import configure_console
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.files import atomic_write_text
 from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
@@ -99,8 +102,26 @@ def record_rejected_config(output_dir: Path, cfg: DictConfig, err: ConfigError) 
         lock.release()
 
 
+class AnnouncingRecorder(RunRecorder):
+    """The run's recorder; it also says on the console what is being trained, once the run has a name.
+
+    The name (``distill-mlp128-hinton-T4-a0.9-s1``) is known only inside the experiment,
+    after the teacher is ready and the objective is built; it reaches the record here.
+    """
+
+    _announced = False
+
+    def update(self, **fields: Any) -> None:
+        super().update(**fields)
+        if "run_name" in fields and not self._announced:
+            self._announced = True
+            resumed = " (resumed)" if self.record.get("resumed") else ""
+            log.info("Training %s%s → %s", fields["run_name"], resumed, self.folder)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the experiment ``cfg`` describes and return its record (raises on failure)."""
+    configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with log_file_held_back(output_dir):
@@ -116,17 +137,18 @@ def run(cfg: DictConfig) -> dict:
     try:
         write_hydra_files(output_dir, task_cfg)
         resumes = claim.previous if claim.action == "resume" else None
-        with recorded(RunRecorder(output_dir, base_record(cfg), resumes=resumes)) as recorder:
+        with recorded(AnnouncingRecorder(output_dir, base_record(cfg), resumes=resumes)) as recorder:
             run_experiment(cfg, recorder, resume_from=claim.checkpoint)
     finally:
         claim.release()
     record = recorder.record
     metrics = record["metrics"]
+    wandb_url = (record.get("wandb") or {}).get("url")  # online runs only
     log.info(
-        "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s",
+        "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s%s",
         record["run_name"], metrics[TEST_ACC], metrics[TEST_ACC_LAST], metrics[TEACHER_TEST_ACC],
         f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
-        output_dir / RECORD_NAME,
+        output_dir / RECORD_NAME, f" | W&B: {wandb_url}" if wandb_url else "",
     )
     return record
 

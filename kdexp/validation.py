@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError, KdexpError
 
 _UNSET = object()
@@ -100,6 +100,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "if_finished": ("error", "skip", "rerun"),
     "resume": (True, False),
     "logger.mode": ("auto", "online", "offline", "disabled"),
+    "kd.cache_teacher": ("auto", True, False),
 }
 
 
@@ -182,7 +183,7 @@ def validate_config(cfg: DictConfig) -> None:
     with torch.random.fork_rng(devices=[]):
         teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
         student = _build(cfg, cfg.student, "student", "student")
-        objective = instantiate(cfg.kd, what="kd")  # its own errors name its keys; it does not "fit" data
+        objective = instantiate(objective_node(cfg), what="kd")  # its own errors name its keys; it does not "fit" data
     _check_schedules(cfg, objective)
     _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
     _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)

@@ -36,8 +36,10 @@ ARCHIVE_DIR = "archive"
 # -- bookkeeping ------------------------------------------------------------------------
 # Settings that do not change what a run computes.
 BOOKKEEPING_KEYS = frozenset({
-    "overrides", "group", "tags", "if_finished", "resume", "output_dir",
+    "overrides", "group", "tags", "if_finished", "resume", "output_dir", "verbose",
     "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    # where the teacher's outputs come from: results agree within float tolerance (see README)
+    "kd.cache_teacher", "teacher.predictions",
     # choices whose effect is fully visible in the config itself (or is bookkeeping)
     "choices.logger", "choices.hydra", "choices.paths", "choices.callbacks", "choices.experiment", "choices.debug",
 })

@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import compose_config
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.data import IndexBatches, TorchvisionDataModule
 from kdexp.data.vision import random_crop_flip
 from kdexp.errors import ConfigError
@@ -348,7 +348,7 @@ def test_crd_experiments_hold_the_published_protocol(experiment, tmp_path):
     assert cfg.data.dataset == "cifar100" and cfg.data.batch_size == 64 and cfg.data.augment is True
     assert cfg.teacher.model._target_.endswith("resnet32x4") and cfg.student._target_.endswith("resnet8x4")
     assert cfg.trainer.max_epochs == 240 and cfg.trainer.accelerator == "gpu"
-    objective = instantiate(cfg.kd)
+    objective = instantiate(objective_node(cfg))
     if experiment.endswith("_kd"):
         assert type(objective).__name__ == "HintonKD" and (cfg.kd.alpha, cfg.kd.temperature) == (0.9, 4.0)
     else:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import CONF_DIR, compose_config
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError
 from kdexp.train import run
 
@@ -84,7 +84,7 @@ def test_a_wrong_pairing_cannot_be_composed_silently(tmp_path):
 def test_kd_optimizer_scheduler_configs(tmp_path):
     param = torch.nn.Parameter(torch.zeros(3))
     for kd in options("kd"):
-        objective = instantiate(compose_config([f"kd={kd}"], tmp_path).kd)
+        objective = instantiate(objective_node(compose_config([f"kd={kd}"], tmp_path)))
         assert isinstance(objective, torch.nn.Module)
     for opt in options("optimizer"):
         optimizer = instantiate(compose_config([f"optimizer={opt}"], tmp_path).optimizer)([param])
@@ -148,13 +148,13 @@ def test_every_experiment_runs_one_batch(experiment, tmp_path):
 def test_invalid_override_is_explained(tmp_path):
     cfg = compose_config(["kd.alpha=2"], tmp_path)
     with pytest.raises(ConfigError, match=r"kd.alpha must lie in \[0, 1\], got 2"):
-        instantiate(cfg.kd)
+        instantiate(objective_node(cfg))
 
 
 def test_the_readme_plug_in_objective_composes_and_trains_one_batch(tmp_path):
     overrides = ["kd._target_=kdexp_test_plugins.MSELogits", "~kd.temperature", "~kd.alpha", "+kd.weight=0.5"]
     cfg = compose_config([*overrides, "experiment=digits_smoke", *ONE_BATCH], tmp_path)
-    objective = instantiate(cfg.kd)
+    objective = instantiate(objective_node(cfg))
     assert type(objective).__name__ == "MSELogits" and objective.weight == 0.5
     record = run(cfg)
     assert record["status"] == "finished" and "train/loss_kd" in record["metrics"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR, compose_config
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.modules import DistillationModule
 from kdexp.objectives import DistillationObjective
 from kdexp.validation import validate_config
@@ -31,7 +31,7 @@ def test_every_objective_binds_and_trains_one_real_step(option, tmp_path):
     cfg = compose_config([*pair_for(option), f"kd={option}", "data.batch_size=16"], tmp_path)
     validate_config(cfg)
     torch.manual_seed(0)
-    objective: DistillationObjective = instantiate(cfg.kd)
+    objective: DistillationObjective = instantiate(objective_node(cfg))
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     teacher, student = instantiate(cfg.teacher.model), instantiate(cfg.student)

@@ -13,7 +13,7 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError
 from kdexp.models import FeatureHooks
 from kdexp.objectives import ModelOutputs, total_loss
@@ -445,7 +445,7 @@ def test_yaml_composes_and_one_step_runs_on_the_zoo(tmp_path, name):
     # Attention needs feature maps, so its student is the CNN; the others use the default MLP student.
     overrides = [f"kd={name}"] + (["student=cnn1d"] if name == "attention" else [])
     cfg = compose_config(overrides, tmp_path)
-    objective = instantiate(cfg.kd)
+    objective = instantiate(objective_node(cfg))
     assert type(objective) is cls
     assert objective.knob_values() == knobs
     assert objective.identity()["name"] == objective.name
@@ -469,7 +469,7 @@ def test_yaml_composes_and_one_step_runs_on_the_zoo(tmp_path, name):
 def test_attention_with_the_default_mlp_student_says_what_to_tap(tmp_path):
     # depth=3 so the MLP has stage1..stage3 to tap, all flat (B, width).
     cfg = compose_config(["kd=attention", "student.depth=3"], tmp_path)
-    objective = instantiate(cfg.kd)
+    objective = instantiate(objective_node(cfg))
     student_model, teacher_model = instantiate(cfg.student), instantiate(cfg.teacher.model)
     s_hooks = FeatureHooks(student_model, objective.student_features)
     t_hooks = FeatureHooks(teacher_model, objective.teacher_features)

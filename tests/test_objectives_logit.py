@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from kdexp.config import instantiate
+from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError
 from kdexp.models.features import FeatureHooks
 from kdexp.models.linear import Linear
@@ -326,7 +326,7 @@ def test_objectives_that_need_a_teacher_say_so(logits, cls):
     ("svm_none", MulticlassHinge, "hinge", "hinge", {}),
 ])
 def test_kd_configs_compose_and_run(tmp_path, logits, option, cls, name, label, knobs):
-    objective = instantiate(compose_config([f"kd={option}"], tmp_path).kd)
+    objective = instantiate(objective_node(compose_config([f"kd={option}"], tmp_path)))
     assert type(objective) is cls and objective.name == name
     assert objective.describe() == label and objective.knob_values() == knobs
     s, t, y = logits
@@ -335,7 +335,7 @@ def test_kd_configs_compose_and_run(tmp_path, logits, option, cls, name, label, 
 
 
 def test_dkd_config_holds_the_papers_cifar_settings(tmp_path):
-    objective = instantiate(compose_config(["kd=dkd"], tmp_path).kd)
+    objective = instantiate(objective_node(compose_config(["kd=dkd"], tmp_path)))
     assert (objective.ce_weight, objective.alpha, objective.beta, objective.temperature,
             objective.warmup_epochs, objective.epoch) == (1.0, 1.0, 8.0, 4.0, 20, 0)
     assert not MulticlassHinge.needs_teacher and HingeKD.needs_teacher
@@ -343,7 +343,7 @@ def test_dkd_config_holds_the_papers_cifar_settings(tmp_path):
 
 def test_a_bad_kd_override_is_reported_with_its_key(tmp_path):
     with pytest.raises(ConfigError, match="kd.beta must be >= 0, got -1"):
-        instantiate(compose_config(["kd=dkd", "kd.beta=-1"], tmp_path).kd)
+        instantiate(objective_node(compose_config(["kd=dkd", "kd.beta=-1"], tmp_path)))
 
 
 # -- linear student ----------------------------------------------------------------------

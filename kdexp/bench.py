@@ -1,0 +1,250 @@
+"""``kdexp bench``: what a distillation step and a run cost, measured side by side.
+
+In one process, on the same data, teacher and student, it times training epochs of
+
+    (i)   a CE-only student in kdexp (Lightning loop, the run's own trainer config)
+    (ii)  online KD in kdexp (the teacher runs on every batch)
+    (iii) cached KD in kdexp (teacher outputs read from the shared cache)
+    (iv)  a bare PyTorch loop doing (iii)'s math: gather, forward, loss, backward, Adam
+    (v)   the same bare loop for CE only
+
+as medians over interleaved repeats (so drifting machine load hits every variant
+alike), and prints (ii)/(i), (iii)/(i), (iii)/(iv) and (i)/(v). An epoch here is the
+training batches only (the validation pass and checkpoint writes after it are not
+in the window), which is what the bare loops do too.
+
+``--runs`` adds whole-run figures: ``kdexp train`` started as a fresh process (W&B
+offline), wall time from process start to exit, and the parts its record states
+(``timings_s``). ``--sweep`` adds a whole-sweep figure: a 12-run T × α grid of KD
+runs against 12 CE-only runs plus one teacher training, in one multirun each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HINTON = {"temperature": 4.0, "alpha": 0.9}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdexp bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for data/teacher/student (default: MNIST-1D, "
+                                                "CNN1D teacher, MLP student)")
+    p.add_argument("--widths", type=int, nargs="+", default=[128, 512], help="student widths (default 128 512)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per variant (default 5)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per repeat; the first is warm-up (default 4)")
+    p.add_argument("--runs", type=int, default=0, help="also time N whole `kdexp train` processes per width")
+    p.add_argument("--sweep", action="store_true", help="also time a 12-run T x alpha grid vs 12 CE-only runs")
+    p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
+    return p
+
+
+# -- epochs -------------------------------------------------------------------------------
+def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, epochs: int) -> list[float]:
+    """Training-batch time of each epoch of a real kdexp fit (the run's trainer config, no logger)."""
+    import pytorch_lightning as pl
+
+    from kdexp.config import instantiate
+    from kdexp.modules import DistillationModule
+    from kdexp.pipeline import build_trainer
+
+    class EpochClock(pl.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == trainer.num_training_batches - 1:
+                self.seconds.append(time.perf_counter() - self._start)
+
+    pl.seed_everything(1, verbose=False)
+    student = instantiate(cfg.student, width=width)
+    module = DistillationModule(model=student, teacher=teacher.model, objective=objective,
+                                optimizer=instantiate(cfg.optimizer), num_classes=int(cfg.data.num_classes),
+                                teacher_store=store)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = build_trainer(cfg, Path(folder), None, max_epochs=epochs)
+        clock = EpochClock()
+        trainer.callbacks.insert(0, clock)
+        trainer.fit(module, datamodule=datamodule)
+    return clock.seconds
+
+
+def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool) -> list[float]:
+    """The same math with no framework: index gather, forward, loss, backward, Adam step."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdexp.config import instantiate
+    from kdexp.data.batches import IndexBatches
+
+    torch.manual_seed(1)
+    student = instantiate(cfg.student, width=width)
+    optimizer = instantiate(cfg.optimizer)(student.parameters())
+    split = datamodule.splits["train"]
+    teacher_logits = store.splits["train"].logits
+    T, alpha = HINTON["temperature"], HINTON["alpha"]
+    seconds = []
+    for epoch in range(epochs):
+        batches = IndexBatches(split.x, split.y, datamodule.batch_size, shuffle=True, seed=epoch,
+                               transform=datamodule.batch_transform)
+        start = time.perf_counter()
+        for x, y, index in batches:
+            logits = student(x)
+            loss = F.cross_entropy(logits, y)
+            if kd:
+                kl = F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher_logits[index] / T, -1),
+                              reduction="batchmean", log_target=True)
+                loss = (1 - alpha) * loss + alpha * T * T * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: int) -> list[dict[str, Any]]:
+    """Median epoch seconds of (i)–(v) per width, over interleaved repeats."""
+    import torch
+
+    from kdexp.config import instantiate
+    from kdexp.objectives import CrossEntropyOnly, HintonKD
+    from kdexp.pipeline import apply_num_threads, get_teacher, get_teacher_outputs
+    from kdexp.predict import compose
+
+    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
+    apply_num_threads(cfg.get("num_threads"))
+    datamodule = instantiate(cfg.data, what="data")
+    datamodule.setup()
+    teacher = get_teacher(cfg, datamodule)
+    store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
+    if store is None:
+        raise SystemExit("kdexp bench: this data set is augmented, so there is no cached KD to time.")
+    rows = []
+    for width in widths:
+        variants: dict[str, Callable[[], list[float]]] = {
+            "ce": lambda: kdexp_epoch_seconds(cfg, datamodule, teacher, store, CrossEntropyOnly(), width, epochs),
+            "kd_online": lambda: kdexp_epoch_seconds(cfg, datamodule, teacher, None, HintonKD(**HINTON), width, epochs),
+            "kd_cached": lambda: kdexp_epoch_seconds(cfg, datamodule, teacher, store, HintonKD(**HINTON), width, epochs),
+            "bare_kd_cached": lambda: bare_epoch_seconds(cfg, datamodule, store, width, epochs, kd=True),
+            "bare_ce": lambda: bare_epoch_seconds(cfg, datamodule, store, width, epochs, kd=False),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, measure in variants.items():
+                samples[name].extend(measure()[1:])  # the first epoch warms caches and allocators up
+        median = {name: statistics.median(values) for name, values in samples.items()}
+        rows.append({"width": width, "threads": torch.get_num_threads(), "batches": len(datamodule.train_dataloader()),
+                     "median_epoch_s": median, "samples": len(samples["ce"]),
+                     "ratios": {"(ii)/(i) online KD / CE": median["kd_online"] / median["ce"],
+                                "(iii)/(i) cached KD / CE": median["kd_cached"] / median["ce"],
+                                "(iii)/(iv) cached KD / bare KD": median["kd_cached"] / median["bare_kd_cached"],
+                                "(i)/(v) CE / bare CE": median["ce"] / median["bare_ce"]}})
+    return rows
+
+
+# -- whole runs and sweeps -------------------------------------------------------------------
+def whole_runs(overrides: list[str], widths: list[int], runs: int) -> list[dict[str, Any]]:
+    """Fresh ``kdexp train`` processes (W&B offline): wall time and the parts their records state."""
+    rows = []
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    for width in widths:
+        for kd in ("hinton", "none"):
+            for i in range(runs):
+                with tempfile.TemporaryDirectory() as folder:
+                    args = [*overrides, f"student.width={width}", f"kd={kd}", f"hydra.run.dir={folder}/run",
+                            "logger=wandb"]
+                    start = time.perf_counter()
+                    done = subprocess.run([sys.executable, "-m", "kdexp.train", *args], env=env,
+                                          capture_output=True, text=True)
+                    wall = time.perf_counter() - start
+                    if done.returncode != 0:
+                        raise SystemExit(f"kdexp bench: the run failed:\n{done.stderr[-2000:]}")
+                    record = json.loads((Path(folder) / "run" / "run_record.json").read_text())
+                parts = record.get("timings_s", {})
+                rows.append({"width": width, "kd": kd, "repeat": i, "process_s": wall,
+                             "in_run_s": record["wall_time_s"], "parts_s": parts,
+                             "outside_fit_s": wall - parts.get("fit", 0.0)})
+    return rows
+
+
+def whole_sweep(overrides: list[str]) -> dict[str, float]:
+    """A 12-run T × alpha KD grid against 12 CE-only runs plus one teacher training (fresh caches)."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    with tempfile.TemporaryDirectory() as folder:
+        env["KDEXP_CACHE_DIR"] = f"{folder}/cache"
+
+        def multirun(*args: str) -> float:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "kdexp.train", "--multirun", *overrides, *args,
+                                   f"hydra.sweep.dir={folder}/sweep-{time.time_ns()}", "logger=wandb"],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"kdexp bench: the sweep failed:\n{done.stderr[-2000:]}")
+            return time.perf_counter() - start
+
+        teacher = multirun("kd=none", "seed=0")  # trains and caches the teacher, plus one CE run
+        ce_only = multirun("kd=none", "seed=range(1,13)")
+        grid = multirun("kd=hinton", "kd.temperature=1,2,4,8", "kd.alpha=0.1,0.5,0.9")
+    return {"teacher_plus_one_ce_run_s": teacher, "ce_12_runs_s": ce_only, "kd_grid_12_runs_s": grid,
+            "grid / (12 CE + teacher)": grid / (ce_only + teacher)}
+
+
+# -- output --------------------------------------------------------------------------------
+def format_epochs(rows: list[dict[str, Any]]) -> str:
+    names = [("ce", "(i) kdexp CE"), ("kd_online", "(ii) kdexp KD online"), ("kd_cached", "(iii) kdexp KD cached"),
+             ("bare_kd_cached", "(iv) bare KD cached"), ("bare_ce", "(v) bare CE")]
+    lines = ["| width | " + " | ".join(title for _, title in names) + " | " + " | ".join(rows[0]["ratios"]) + " |",
+             "|---:|" + "---:|" * (len(names) + len(rows[0]["ratios"]))]
+    for row in rows:
+        cells = [f"{1000 * row['median_epoch_s'][n]:.1f} ms" for n, _ in names]
+        ratios = [f"{v:.2f}" for v in row["ratios"].values()]
+        lines.append(f"| {row['width']} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def format_runs(rows: list[dict[str, Any]]) -> str:
+    parts = sorted({p for row in rows for p in row["parts_s"]})
+    lines = ["| width | kd | process | outside fit | " + " | ".join(parts) + " |", "|---:|---|" + "---:|" * (2 + len(parts))]
+    keyed: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        keyed.setdefault((row["width"], row["kd"]), []).append(row)
+    for (width, kd), group in keyed.items():
+        med = lambda f: statistics.median(f(r) for r in group)  # noqa: E731
+        cells = [f"{med(lambda r: r['process_s']):.2f} s", f"{med(lambda r: r['outside_fit_s']):.2f} s"]
+        cells += [f"{med(lambda r, p=p: r['parts_s'].get(p, 0.0)):.2f}" for p in parts]
+        lines.append(f"| {width} | {kd} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_intermixed_args(argv)
+    results: dict[str, Any] = {"command": "kdexp bench " + " ".join(argv)}
+    print(f"Timing training epochs (widths {args.widths}, {args.repeats} interleaved repeats × "
+          f"{args.epochs - 1} epochs after warm-up) ...", file=sys.stderr)
+    results["epochs"] = epoch_table(args.overrides, args.widths, args.repeats, args.epochs)
+    print("\nMedian training-epoch time and ratios:\n" + format_epochs(results["epochs"]))
+    if args.runs:
+        print(f"\nTiming {args.runs} whole `kdexp train` process(es) per width and objective ...", file=sys.stderr)
+        results["runs"] = whole_runs(args.overrides, args.widths, args.runs)
+        print("\nWhole runs (medians; parts from the run records' timings_s, seconds):\n" + format_runs(results["runs"]))
+    if args.sweep:
+        print("\nTiming a 12-run T × α grid against 12 CE-only runs and a teacher ...", file=sys.stderr)
+        results["sweep"] = whole_sweep(args.overrides)
+        print("\nWhole sweep: " + ", ".join(f"{k} {v:.2f}" for k, v in results["sweep"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0

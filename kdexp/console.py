@@ -1,0 +1,80 @@
+"""What a run prints on the console, decided in one place.
+
+By default a run prints what a researcher reads: what is being trained, a progress
+bar on a terminal, the result line, and warnings. Lightning's info lines ("GPU
+available", "TPU available", the litlogger tip, "`Trainer.fit` stopped", "Restoring
+states from the checkpoint", the model summary), W&B's banners and run-history
+sparklines, and Lightning's ``LeafSpec`` deprecation warning stay off the console.
+
+``verbose=true`` brings all of it back, plus kdexp's own details (logged at DEBUG).
+W&B's own switches work as usual: a user who sets ``WANDB_SILENT`` or ``WANDB_QUIET``
+gets exactly what W&B does with that value, and ``WANDB_CONSOLE`` is never touched.
+No environment variable is set or changed here.
+
+Idempotent and per process: a multirun that runs many jobs in one process calls
+:func:`configure_console` once per job, and each job gets its own setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# Lightning's info lines come from children of these loggers (rank_zero_info logs to
+# pytorch_lightning.utilities.rank_zero, the model summary to pytorch_lightning.callbacks.
+# model_summary); each package sets its top logger to INFO when it is imported.
+LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric")
+# W&B's own verbosity switches: set by the user (to any value), W&B's verbosity is theirs.
+WANDB_VERBOSITY_ENV = ("WANDB_SILENT", "WANDB_QUIET")
+# torch deprecates LeafSpec, and Lightning 2.6 still builds one on every fit and test
+# (pytorch_lightning/utilities/_pytree.py): noise from Lightning's code, not from a run's.
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``[16:55:30] message`` on the console, with the level for warnings and errors.
+
+    Hydra's console handler uses it (``conf/hydra/default.yaml``); the run's log file
+    keeps Hydra's full format (date, logger name, level).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        self._flagged = logging.Formatter("[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._flagged.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
+def configure_console(verbose: bool) -> None:
+    """Quiet Lightning and its warning (``verbose=False``), or let everything through (``True``).
+
+    Call it at the start of a run, after Lightning is imported (importing it sets its
+    loggers back to INFO; it is imported here, so the order cannot go wrong).
+    """
+    import pytorch_lightning  # noqa: F401  (sets its loggers' levels at import: do that first)
+
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # kdexp logs its details at DEBUG; quiet, the "kdexp" logger inherits the root's level.
+    logging.getLogger("kdexp").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    # The newest filter wins, and filterwarnings drops an identical older one first.
+    warnings.filterwarnings("default" if verbose else "ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+
+
+def wandb_user_chose_verbosity() -> bool:
+    """The user set ``WANDB_SILENT`` or ``WANDB_QUIET`` (an empty value counts as unset)."""
+    return any(os.environ.get(name) for name in WANDB_VERBOSITY_ENV)
+
+
+def wandb_settings(verbose: bool) -> dict[str, bool]:
+    """Keyword arguments for ``wandb.Settings``: ``silent`` unless ``verbose`` or the user chose.
+
+    ``silent`` is W&B's only setting that drops its offline banners ("syncing is set to
+    offline", "Run data is saved locally") as well as the run-history sparklines
+    (``quiet`` keeps the banners). W&B still writes everything to the run's debug logs.
+    """
+    if verbose or wandb_user_chose_verbosity():
+        return {}
+    return {"silent": True}

@@ -1,0 +1,88 @@
+"""``kdexp predict``: run a teacher once over a data set and save its outputs to a file.
+
+The saved-predictions workflow of the BERT → DistilBERT recipe: the teacher's
+outputs on every split are computed once, then any number of student runs read them
+with ``teacher.predictions=PATH`` instead of running the teacher. The file records
+what it was computed from (teacher weights hash, data fingerprint and input
+settings, tapped layers), so a run with another teacher or data set refuses it.
+
+    kdexp predict --out outputs/predictions/mnist1d-cnn1d.pt
+    kdexp train teacher.predictions=outputs/predictions/mnist1d-cnn1d.pt kd.temperature=8
+
+The same overrides as ``kdexp train`` choose the teacher and data (``teacher=...``,
+``teacher.checkpoint=...``, ``data=...``); ``kd=...`` matters only for objectives
+that tap teacher layers (``kd=fitnets``): their features are saved too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from kdexp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kdexp predict",
+        description="Run the configured teacher once over train/val/test and save its outputs (logits, tapped "
+                    "features, ensemble members) for student runs to read with teacher.predictions=PATH.",
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kdexp train` (teacher=..., data=...)")
+    p.add_argument("--out", type=Path, required=True, help="file to write, e.g. outputs/predictions/teacher.pt")
+    p.add_argument("--force", action="store_true", help="replace an existing file (otherwise it is never overwritten)")
+    return p
+
+
+def compose(overrides: list[str], output_dir: Path):
+    """The run config for ``overrides``, composed as ``kdexp train`` would (outside a Hydra app)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdexp.train import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return hydra_compose("train", overrides=[*overrides, f"paths.root_dir={os.getcwd()}",
+                                                     f"paths.output_dir={output_dir}"])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def main(argv: list[str]) -> int:
+    from kdexp.config import instantiate, objective_node
+    from kdexp.pipeline import apply_num_threads, get_teachers, teacher_output_identity
+    from kdexp.teacher_outputs import compute_store, save_store
+    from kdexp.validation import validate_config
+
+    args = parser().parse_intermixed_args(argv)
+    out = args.out.resolve()
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists and is never overwritten; choose another --out or pass --force.")
+    cfg = compose(args.overrides, out.parent)
+    validate_config(cfg)
+    apply_num_threads(cfg.get("num_threads"))
+    datamodule = instantiate(cfg.data, what="data")
+    datamodule.setup()
+    if datamodule.train_augmentation() is not None:
+        log.warning("data augments its training inputs at random; these predictions are on un-augmented inputs, "
+                    "and student runs with this data will refuse them.")
+    teacher, members = get_teachers(cfg, datamodule)
+    objective = instantiate(objective_node(cfg), what="kd")
+    identity = teacher_output_identity(cfg, teacher, datamodule.fingerprint(), len(members),
+                                       list(objective.teacher_features))
+    store = compute_store(teacher.model, datamodule.eval_batches, identity)
+    save_store(out, store, "teacher predictions file")
+    rows = ", ".join(f"{name} {len(s.logits)}" for name, s in store.splits.items())
+    size_mb = out.stat().st_size / 2**20
+    print(f"Wrote {out} ({size_mb:.2f} MB): teacher {teacher.weights_hash} (test acc {100 * teacher.test_acc:.2f} %), "
+          f"data {identity['data_fingerprint']}, rows {rows}, layers {identity['teacher_layers'] or 'none'}, "
+          f"in {store.manifest['seconds']:.2f} s.\nUse it with: kdexp train teacher.predictions={out} "
+          + " ".join(args.overrides))
+    return 0

@@ -1,0 +1,262 @@
+"""Teacher outputs computed once: the on-disk cache and saved-predictions files.
+
+In a T × α × width grid the teacher never changes, yet an online run pays for its
+forward pass on every batch of every epoch. Here the teacher runs once over each
+split (``train``, ``val``, ``test``) and its logits (plus the intermediate features
+an objective taps, plus each member's logits for an ensemble) are stored in one
+file that every run of the sweep, and every parallel worker, reads instead.
+
+The file is a ``torch.save`` archive of plain tensors, strings and numbers: it is
+read with ``weights_only=True`` (never runs code) and ``mmap=True`` (workers share
+the pages instead of each holding a copy). A manifest inside it names what it was
+computed from (teacher weights hash, data fingerprint, the data config that shapes
+each input, tapped layers) and a SHA-256 of every split's tensors, so a file from
+another teacher or data set is refused and a torn or corrupted file is detected.
+
+Outputs are looked up by ``(split, index in that split)``, never by batch position:
+the batches of a shuffled epoch carry the indices of their samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from torch import Tensor, nn
+
+from kdexp.errors import CheckpointError
+from kdexp.files import atomic_torch_save, load_weights, storage_error
+from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
+from kdexp.models.features import FeatureHooks
+from kdexp.objectives.base import ModelOutputs
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kdexp-teacher-outputs"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+CACHE_FILE = "outputs.pt"
+# Manifest fields two files must share to hold the same teacher's outputs on the same inputs.
+IDENTITY_FIELDS = ("teacher_hash", "data_fingerprint", "data_transform", "teacher_layers", "members")
+
+
+@dataclass
+class SplitOutputs:
+    """One split's teacher outputs, row ``i`` for sample ``i`` of the split."""
+
+    logits: Tensor  # (N, C)
+    features: dict[str, Tensor] = field(default_factory=dict)  # path → (N, ...)
+    members: Tensor | None = None  # (N, K, C) for a teacher ensemble
+
+    def tensors(self) -> dict[str, Tensor]:
+        named = {"logits": self.logits, **{f"features/{k}": v for k, v in sorted(self.features.items())}}
+        if self.members is not None:
+            named["members"] = self.members
+        return named
+
+    def checksum(self) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in self.tensors().items():
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def to(self, device: torch.device) -> SplitOutputs:
+        return SplitOutputs(self.logits.to(device), {k: v.to(device) for k, v in self.features.items()},
+                            self.members.to(device) if self.members is not None else None)
+
+    def take(self, index: Tensor) -> ModelOutputs:
+        members = list(self.members[index].unbind(1)) if self.members is not None else None  # K × (B, C)
+        return ModelOutputs(self.logits[index], {k: v[index] for k, v in self.features.items()}, members)
+
+
+class TeacherOutputStore:
+    """Precomputed teacher outputs for some splits, and the manifest saying what they came from."""
+
+    def __init__(self, splits: Mapping[str, SplitOutputs], manifest: Mapping[str, Any], path: Path | None = None):
+        self.splits = dict(splits)
+        self.manifest = dict(manifest)
+        self.path = path
+        self._on_device: dict[tuple[str, torch.device], SplitOutputs] = {}
+
+    def outputs(self, split: str, index: Tensor) -> ModelOutputs:
+        """The teacher's outputs for samples ``index`` of ``split``, on ``index``'s device."""
+        if split not in self.splits:
+            raise KeyError(f"no teacher outputs stored for split '{split}' (stored: {sorted(self.splits)})")
+        stored = self.splits[split]
+        if index.device != stored.logits.device:  # moved once per device, then indexed there
+            key = (split, index.device)
+            if key not in self._on_device:
+                self._on_device[key] = stored.to(index.device)
+            stored = self._on_device[key]
+        return stored.take(index)
+
+    @property
+    def teacher_layers(self) -> list[str]:
+        return list(self.manifest.get("teacher_layers") or [])
+
+
+# -- computing ----------------------------------------------------------------------
+@torch.no_grad()
+def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str] = ()) -> SplitOutputs:
+    """Run the frozen ``teacher`` over unshuffled ``(x, y, index)`` batches; rows in sample order."""
+    modes = {module: module.training for module in teacher.modules()}  # restored exactly, submodules included
+    teacher.eval()
+    hooks = FeatureHooks(teacher, list(teacher_layers)) if teacher_layers else None
+    logits, members, features = [], [], {name: [] for name in teacher_layers}
+    try:
+        for x, _, index in batches:
+            if isinstance(teacher, TeacherEnsemble):
+                member_logits = teacher.member_logits(x)
+                logits.append(average_probability_logits(member_logits).float())
+                members.append(torch.stack(member_logits, dim=1).float())  # (B, K, C)
+            else:
+                logits.append(teacher(x).float())
+            for name, value in (hooks.pop() if hooks else {}).items():
+                features[name].append(value.float())
+            if int(index[0]) != sum(len(z) for z in logits[:-1]):
+                raise ValueError("teacher outputs must be computed over unshuffled batches in sample order")
+    finally:
+        if hooks:
+            hooks.remove()
+        for module, training in modes.items():
+            module.training = training
+    return SplitOutputs(torch.cat(logits).cpu(), {k: torch.cat(v).cpu() for k, v in features.items()},
+                        torch.cat(members).cpu() if members else None)
+
+
+def compute_store(teacher: nn.Module, batches_for: Callable[[str], Any], identity: Mapping[str, Any],
+                  splits: Sequence[str] = SPLITS) -> TeacherOutputStore:
+    """The teacher's outputs on every split, with a manifest holding ``identity`` and the checksums."""
+    started = time.perf_counter()
+    outputs = {split: compute_split(teacher, batches_for(split), identity.get("teacher_layers") or ())
+               for split in splits}
+    manifest = {
+        **identity,
+        "format": FORMAT, "version": VERSION,
+        "splits": {name: {"rows": len(s.logits), "checksum": s.checksum()} for name, s in outputs.items()},
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return TeacherOutputStore(outputs, manifest)
+
+
+# -- files --------------------------------------------------------------------------
+def save_store(path: str | Path, store: TeacherOutputStore, what: str = "teacher outputs") -> Path:
+    """Write ``store`` atomically (temporary file, then rename): a reader never sees half of it."""
+    blob = {
+        "format": FORMAT,
+        "manifest_json": json.dumps(store.manifest, sort_keys=True, default=str),
+        "splits": {name: {"logits": s.logits, "features": dict(s.features),
+                          **({"members": s.members} if s.members is not None else {})}
+                   for name, s in store.splits.items()},
+    }
+    return atomic_torch_save(path, blob, what=what)
+
+
+class DamagedOutputsError(CheckpointError):
+    """A teacher-outputs file is truncated, corrupted or not a teacher-outputs file."""
+
+
+def read_store(path: str | Path, what: str = "teacher outputs file") -> TeacherOutputStore:
+    """Read and verify a teacher-outputs file (weights only, memory-mapped; checksums checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path.resolve()}. Write one with `kdexp predict` "
+                              "(see `kdexp predict --help`), or fix the path.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a torn zip archive fails in many ways; load_weights names the cause
+        try:
+            blob = load_weights(path, what=what)
+        except CheckpointError as err:
+            raise DamagedOutputsError(str(err)) from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DamagedOutputsError(f"{what} {path} is not a kdexp teacher-outputs file (written by `kdexp predict` "
+                                  "or the teacher-output cache).")
+    try:
+        manifest = json.loads(blob["manifest_json"])
+        splits = {name: SplitOutputs(entry["logits"], dict(entry.get("features") or {}), entry.get("members"))
+                  for name, entry in blob["splits"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise DamagedOutputsError(f"{what} {path} is damaged: {type(err).__name__}: {err}") from None
+    if manifest.get("version") != VERSION:
+        raise DamagedOutputsError(f"{what} {path} has format version {manifest.get('version')}; this kdexp reads "
+                                  f"version {VERSION}. Write it again with `kdexp predict`.")
+    for name, outputs in splits.items():
+        expected = (manifest.get("splits") or {}).get(name) or {}
+        if outputs.checksum() != expected.get("checksum"):
+            raise DamagedOutputsError(f"{what} {path}: the '{name}' split does not match its checksum (the file was "
+                                      "changed or damaged after it was written).")
+    return TeacherOutputStore(splits, manifest, path)
+
+
+def identity_mismatch(store: TeacherOutputStore, expected: Mapping[str, Any]) -> list[str]:
+    """The identity fields in which ``store`` differs from ``expected`` (``field: file X, run Y``)."""
+    problems = []
+    for name in IDENTITY_FIELDS:
+        if name in expected and store.manifest.get(name) != expected[name]:
+            problems.append(f"{name}: file {store.manifest.get(name)!r}, this run {expected[name]!r}")
+    return problems
+
+
+# -- the shared cache ---------------------------------------------------------------
+def cache_key(identity: Mapping[str, Any]) -> str:
+    """Cache entry name: a hash of the identity (teacher hash, data fingerprint, transform, layers)."""
+    payload = {name: identity.get(name) for name in IDENTITY_FIELDS}
+    payload["version"] = VERSION
+    payload["torch"] = torch.__version__  # another build may round the teacher's forward differently
+    payload["num_threads"] = identity.get("num_threads")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_store(cache_dir: Path, identity: Mapping[str, Any],
+                 compute: Callable[[], TeacherOutputStore]) -> tuple[TeacherOutputStore, str]:
+    """The cached store for ``identity``, computed now by exactly one process if missing or damaged.
+
+    Returns the store and what happened: ``"read"`` or ``"computed"``. A file that fails
+    its checks is moved aside (kept for inspection, never used) and computed again.
+    """
+    folder = cache_dir / cache_key(identity)
+    path = folder / CACHE_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / ".lock"))
+        lock.acquire()
+    except OSError as err:
+        if path.is_file():  # a read-only shared cache still serves what it holds
+            return _checked(read_store(path, "cached teacher outputs"), identity, path), "read"
+        raise storage_error(err, folder, "teacher-output cache folder") from err
+    try:  # one writer; the others wait here, then read
+        if path.is_file():
+            try:
+                return _checked(read_store(path, "cached teacher outputs"), identity, path), "read"
+            except DamagedOutputsError as err:
+                aside = path.with_name(f"damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.pt")
+                os.replace(path, aside)
+                log.warning("%s Moved it to %s; computing the teacher outputs again.", err, aside)
+        store = compute()
+        save_store(path, store, "teacher-output cache")
+        log.info("Teacher outputs computed in %.1f s and cached in %s", store.manifest.get("seconds", 0.0), path)
+        return read_store(path, "cached teacher outputs"), "computed"  # the memory-mapped copy every run shares
+    finally:
+        lock.release()
+
+
+def _checked(store: TeacherOutputStore, identity: Mapping[str, Any], path: Path) -> TeacherOutputStore:
+    problems = identity_mismatch(store, identity)
+    if problems:  # the key is a hash of these fields, so this means a file was put under the wrong name
+        raise DamagedOutputsError(f"cached teacher outputs {path} belong to another teacher or data set "
+                                  f"({'; '.join(problems)}).")
+    return store
