@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kdexp.errors import CheckpointError, StorageError
 
 
@@ -65,11 +63,15 @@ def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any, what: str = "checkpoint") -> Path:
+    import torch  # here, not at the top: a sweep's launcher process writes files but never loads torch
+
     return atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
 
 
 def load_weights(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load`` that only reads tensors and plain containers; never runs code from the file."""
+    import torch
+
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

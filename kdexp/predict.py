@@ -61,7 +61,10 @@ def main(argv: list[str]) -> int:
     from kdexp.teacher_outputs import compute_store, save_store
     from kdexp.validation import validate_config
 
+    from kdexp.console import configure_console
+
     args = parser().parse_intermixed_args(argv)
+    configure_console(verbose=False)
     out = args.out.resolve()
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists and is never overwritten; choose another --out or pass --force.")

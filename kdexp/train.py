@@ -31,10 +31,8 @@ from kdexp.config import to_plain
 from kdexp.console import configure_console
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.files import atomic_write_text
-from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
 from kdexp.records import RECORD_NAME, RunRecorder
 from kdexp.run_folder import claim_run_folder, lock_folder
-from kdexp.validation import validate_config
 from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
 
 log = logging.getLogger("kdexp")
@@ -96,6 +94,8 @@ def record_rejected_config(output_dir: Path, cfg: DictConfig, err: ConfigError) 
         lock = lock_folder(output_dir)
     except KdexpError:
         return
+    from kdexp.pipeline import base_record
+
     try:
         RunRecorder(output_dir, base_record(cfg)).finish("failed", err)
     finally:
@@ -121,6 +121,11 @@ class AnnouncingRecorder(RunRecorder):
 
 def run(cfg: DictConfig) -> dict:
     """Run the experiment ``cfg`` describes and return its record (raises on failure)."""
+    # Imported here, not at the top: the process that launches a parallel multirun
+    # (hydra/launcher=joblib) runs no job itself and never needs torch or Lightning.
+    from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
+    from kdexp.validation import validate_config
+
     configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)

@@ -71,6 +71,9 @@ def test_last_ckpt_holds_the_last_epoch_and_best_ckpt_the_best(uninterrupted):
     best_score = next(v["best_model_score"] for k, v in scores.items() if "monitor': 'val/acc'" in k)
     assert float(best_score) == pytest.approx(whole["metrics"]["val/acc_best"])
     assert best["epoch"] <= last["epoch"]
+    # best.ckpt is only evaluated (and used as a teacher), never resumed: weights, no optimiser state.
+    assert "optimizer_states" in last and "optimizer_states" not in best
+    assert best["state_dict"].keys() == last["state_dict"].keys()
 
 
 def test_ctrl_c_records_interrupted(uninterrupted):

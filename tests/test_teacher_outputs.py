@@ -208,6 +208,25 @@ def test_results_agree_with_and_without_the_cache(three_runs):
             assert runs[name]["metrics"][key] == pytest.approx(runs["online"]["metrics"][key], abs=2e-3), (name, key)
 
 
+def test_records_say_where_the_run_time_went(three_runs):
+    _, runs = three_runs
+    for record in runs.values():
+        parts = record["timings_s"]
+        assert {"data", "teacher", "teacher_outputs", "fit", "test"} <= parts.keys()
+        assert parts["fit"] > 0 and sum(parts.values()) <= record["wall_time_s"]
+
+
+def test_a_launcher_process_does_not_import_torch():
+    """`python -m kdexp.train --multirun` with a parallel launcher runs no job itself: importing
+    kdexp.train must not pull in torch or Lightning (seconds of CPU beside the workers)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kdexp.train; print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_a_predictions_file_from_another_teacher_or_data_is_refused(three_runs, capsys):
     tmp_path, _ = three_runs
     predictions = tmp_path / "predictions.pt"
