@@ -16,24 +16,27 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from kdexp.chain import assistant_config, chain_of, lineage_entry, route_of, stage_key
 from kdexp.config import instantiate, objective_node, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import CheckpointError, ConfigError, RunInterrupted
-from kdexp.files import load_weights
+from kdexp.files import load_weights, storage_error
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
 from kdexp.objectives.base import DistillationObjective
-from kdexp.records import RunRecorder
+from kdexp.records import RunRecorder, read_record
+from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
-from kdexp.teacher import Teacher, provision_teacher, teacher_cache_key
+from kdexp.teacher import Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
 from kdexp.teacher_outputs import TeacherOutputStore, cached_store, compute_store, identity_mismatch, read_store
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST
@@ -227,11 +230,31 @@ def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
 
 
 # -- the teacher -------------------------------------------------------------------
+def root_teacher_key(cfg: DictConfig) -> str:
+    """The cache key of the run's (root) teacher: its recipe, data and trainer settings."""
+    # num_threads changes summation order, hence the trained weights: part of the key.
+    trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
+    key = teacher_cache_key(to_plain(cfg.teacher), to_plain(cfg.data), trainer_settings)
+    checkpoint = cfg.teacher.get("checkpoint")
+    return hashlib.sha256(f"{key}:{checkpoint}".encode()).hexdigest()[:16] if checkpoint else key
+
+
+def teacher_key(cfg: DictConfig) -> str:
+    """The key of whatever teaches ``cfg``'s student: the root teacher, or the last assistant of its chain."""
+    if not chain_of(cfg):
+        return root_teacher_key(cfg)
+    stage = assistant_config(cfg)
+    return stage_key(stage, teacher_key(stage))
+
+
 def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
-    """Load ``teacher.checkpoint`` or train-once-and-cache (see :mod:`kdexp.teacher`).
+    """Load ``teacher.checkpoint`` or train-once-and-cache (see :mod:`kdexp.teacher`); with a
+    ``chain``, the last assistant of the chain (trained first if needed, see :mod:`kdexp.chain`).
 
     ``test_data`` (the run's data) measures a loaded checkpoint's test accuracy.
     """
+    if chain_of(cfg):
+        return get_assistant(cfg, test_data)
     tcfg = cfg.teacher
     num_classes = int(cfg.data.num_classes)
 
@@ -245,11 +268,69 @@ def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
     def train(model: nn.Module, folder: Path) -> float:
         return train_teacher(cfg, model, folder)
 
-    # num_threads changes summation order, hence the trained weights: part of the key.
     trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
     key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), trainer_settings)
-    return provision_teacher(build_model, tcfg.get("checkpoint"), num_classes, Path(cfg.paths.cache_dir) / "teachers",
-                             key, train=train, evaluate=evaluate)
+    teacher = provision_teacher(build_model, tcfg.get("checkpoint"), num_classes,
+                                Path(cfg.paths.cache_dir) / "teachers", key, train=train, evaluate=evaluate)
+    recipe = "checkpoint" if tcfg.get("checkpoint") else "ce"
+    teacher.lineage = [lineage_entry(0, choice(cfg, "teacher"), tcfg.model.get("width"), recipe,
+                                     teacher.weights_hash, teacher.test_acc, teacher.path)]
+    return teacher
+
+
+def get_assistant(cfg: DictConfig, datamodule: InMemoryDataModule) -> Teacher:
+    """The chain's last assistant as a frozen teacher, trained first (as an ordinary run) if needed.
+
+    The stage's run folder is ``<cache>/stages/<key>``; a lock makes one process train
+    it while others wait. A finished stage is reused; an interrupted one resumes.
+    """
+    stage_cfg = assistant_config(cfg)
+    key = stage_key(stage_cfg, teacher_key(stage_cfg))
+    folder = Path(cfg.paths.cache_dir) / "stages" / key
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder.parent / f"{key}.lock"))
+        lock.acquire()
+    except OSError as err:
+        raise storage_error(err, folder.parent, "chain stage folder") from err
+    try:
+        record = read_record(folder)
+        if not record or record.get("status") != "finished":
+            train_stage(stage_cfg, folder)
+            record = read_record(folder) or {}
+    finally:
+        lock.release()
+    best = (record.get("checkpoints") or {}).get("best")
+    if record.get("status") != "finished" or not best:
+        raise CheckpointError(f"chain stage {folder} did not finish (status {record.get('status')}); see its "
+                              f"record {folder / 'run_record.json'}.")
+    model = load_teacher_weights(instantiate(stage_cfg.student, what="chain stage"), best,
+                                 int(cfg.data.num_classes))
+    test_acc = evaluate_accuracy(model, datamodule.eval_batches("test"))
+    digest = weights_hash(model)
+    lineage = [*record.get("lineage", []),
+               lineage_entry(len(record.get("lineage", [])), choice(stage_cfg, "student"), stage_cfg.student.get("width"),
+                             (record.get("objective") or {}).get("label", "?"), digest, test_acc, best)]
+    log.info("Chain stage %s (width %s, test acc %.4f) is the teacher", folder, stage_cfg.student.get("width"), test_acc)
+    return Teacher(model.eval(), digest, test_acc, "stage", best, key, lineage)
+
+
+def train_stage(stage_cfg: DictConfig, folder: Path) -> None:
+    """Run one assistant of a chain as an ordinary run in ``folder`` (resuming an interrupted one)."""
+    stage_cfg = stage_cfg.copy()
+    OmegaConf.set_struct(stage_cfg, False)
+    stage_cfg.paths.output_dir = str(folder)
+    claim = claim_run_folder(folder, to_plain(stage_cfg), "skip", True)
+    if claim.action == "skip":
+        return
+    try:
+        resumes = claim.previous if claim.action == "resume" else None
+        log.info("Training chain stage %d (%s%s) in %s", len(chain_of(stage_cfg)) + 1, choice(stage_cfg, "student"),
+                 stage_cfg.student.get("width"), folder)
+        with recorded(RunRecorder(folder, base_record(stage_cfg), resumes=resumes)) as recorder:
+            run_experiment(stage_cfg, recorder, resume_from=claim.checkpoint)
+    finally:
+        claim.release()
 
 
 def get_teachers(cfg: DictConfig, datamodule: InMemoryDataModule) -> tuple[Teacher, list[Teacher]]:
@@ -272,7 +353,8 @@ def get_teachers(cfg: DictConfig, datamodule: InMemoryDataModule) -> tuple[Teach
     ensemble = TeacherEnsemble([m.model for m in members]).eval()
     digest = hashlib.sha256("+".join(m.weights_hash for m in members).encode()).hexdigest()[:16]
     test_acc = evaluate_accuracy(ensemble, datamodule.eval_batches("test"))
-    return Teacher(ensemble, digest, test_acc, "ensemble", ", ".join(m.path for m in members)), members
+    lineage = [lineage_entry(0, "ensemble", len(members), "ensemble", digest, test_acc)]
+    return Teacher(ensemble, digest, test_acc, "ensemble", ", ".join(m.path for m in members), lineage=lineage), members
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
@@ -453,7 +535,8 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     if resume_from is not None:
         same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
-                             "path": teacher.path, "cache_key": teacher.cache_key})
+                             "path": teacher.path, "cache_key": teacher.cache_key},
+                    lineage=teacher.lineage, stage=len(teacher.lineage), route=route_of(teacher.lineage))
 
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
     # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
@@ -474,7 +557,8 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
                                     teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
                                     student_parameters=parameters, output_dir=str(output_dir),
-                                    objective=identity, teacher_outputs=outputs_note)
+                                    objective=identity, teacher_outputs=outputs_note,
+                                    stage=len(teacher.lineage), lineage=teacher.lineage)
     previous_wandb = recorder.record.get("wandb") or {}
     with recorder.timed("logger_start"):
         logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,

@@ -45,6 +45,8 @@ def hydra_value(value: Any) -> str:
         return "true" if value else "false"
     if value is None:
         return "null"
+    if isinstance(value, list):  # chain: [64, 32] → chain=[64,32] (one argument, no spaces)
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
     return str(value)
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Teacher:
     source: str  # "checkpoint" | "cache" | "trained"
     path: str
     cache_key: str | None = None
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # root teacher first (see kdexp.chain)
 
 
 def weights_hash(model: nn.Module) -> str:

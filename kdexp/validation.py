@@ -190,6 +190,34 @@ def validate_config(cfg: DictConfig) -> None:
     _check_forward(cfg, teacher, "teacher")
     _check_forward(cfg, student, "student")
     _check_extra_teachers(cfg, objective)
+    _check_chain(cfg, objective)
+
+
+def _check_chain(cfg: DictConfig, objective: Any) -> None:
+    """Each assistant of a ``chain`` parses, is built, fits the data, and can teach the next stage."""
+    from kdexp.chain import assistant_config, chain_of, parse_entry
+
+    chain = chain_of(cfg)
+    if not chain:
+        return
+    if not getattr(objective, "needs_teacher", True):
+        raise ConfigError(f"chain={list(chain)} trains assistants to distil through, but kd={_choice(cfg, 'kd')} "
+                          "uses no teacher: drop the chain (chain=[]) for the CE-only baseline.")
+    if cfg.get("teachers"):
+        raise ConfigError("a chain and extra teachers cannot be combined: each stage has one teacher.")
+    if cfg.teacher.get("predictions"):
+        raise ConfigError("teacher.predictions holds the root teacher's outputs; with a chain the student's "
+                          "teacher is the last assistant. Drop one of the two.")
+    for position, entry in enumerate(chain):
+        parse_entry(entry, position)
+    stage = cfg
+    while chain_of(stage):
+        stage = assistant_config(stage)
+        label = f"chain[{len(chain_of(stage))}]"
+        with torch.random.fork_rng(devices=[]):
+            model = _build(stage, stage.student, "student", label)
+        _check_taps(model, tuple(getattr(objective, "teacher_features", ()) or ()), "student", stage)
+        _check_forward(stage, model, label)
 
 
 def _check_extra_teachers(cfg: DictConfig, objective: Any) -> None:

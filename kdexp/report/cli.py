@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="run/sweep folder or wandb:ENTITY/PROJECT")
     table = parser.add_argument_group("table")
+    table.add_argument("--chain", action="store_true",
+                       help="the chain view: rows = final student width, columns = route (CE only, direct, via "
+                            "each set of assistants), with each route's seed-paired gain over direct KD")
     table.add_argument("--rows", default=",".join(DEFAULT_ROWS), metavar="KEYS",
                        help="comma-separated row axes (default: %(default)s)")
     table.add_argument("--cols", default=",".join(DEFAULT_COLS), metavar="KEYS",
@@ -112,6 +115,13 @@ def _run(args: argparse.Namespace) -> int:
                       better=args.best)
     kd_at = _kd_at(args.kd_at)
     records, notes = load_sources(args.sources, group=args.group, filters=args.filter)
+    if args.chain:
+        from kdexp.report.chain import render_chain
+
+        print(render_chain(records, args.metric), end="")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        return 0
     tables, more = make_tables(records, spec)
     markdown = render_markdown(tables)
     stdout_taken = "-" in (args.latex, args.csv)
