@@ -363,7 +363,9 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     recorder = RunRecorder(folder, {"job_type": "teacher", "config": to_plain(cfg.teacher), "data": to_plain(cfg.data),
                                     "choices": choices(cfg)})
     with recorded(recorder):
-        datamodule: InMemoryDataModule = instantiate(cfg.data, shuffle_seed=int(tcfg.seed))
+        # The labelled training set only: a student's transfer set is the student's, never the teacher's.
+        no_transfer = {"transfer_set": None} if "transfer_set" in cfg.data else {}
+        datamodule: InMemoryDataModule = instantiate(cfg.data, shuffle_seed=int(tcfg.seed), **no_transfer)
         fingerprint = datamodule.fingerprint()
         # The teacher's own recipe: its optimizer and, optionally, its lr scheduler (CRD's steps).
         scheduler = instantiate(tcfg.scheduler, what="teacher.scheduler") if tcfg.get("scheduler") else None
@@ -523,7 +525,10 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         fingerprint = datamodule.fingerprint()
     if resume_from is not None:
         same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
-    recorder.update(data_fingerprint=fingerprint)
+    recorder.update(data_fingerprint=fingerprint, data_sizes={
+        "train_labelled": datamodule.labelled_train_size,
+        "train_transfer": len(datamodule.splits["train"].x) - datamodule.labelled_train_size,
+        "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)})
     predictions = read_predictions(cfg, datamodule)  # a file for other data is refused before a teacher is trained
 
     with recorder.timed("teacher"):

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: zoo models with named stages (parameter names changed)
 TEACHER_FILE = "teacher.pt"
 # Data settings that do not change what a teacher learns; left out of the cache key.
-_DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size"}
+# The teacher learns from the labelled set alone: a student's transfer set is not in its key.
+_DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size",
+                         "transfer_set", "transfer_size", "transfer_seed"}
 # Teacher settings about how a run uses its teacher, not how the teacher is trained.
 _TEACHER_KEYS_NOT_IN_KEY = {"checkpoint", "predictions", "allow_untrained"}
 # Trainer settings that only change what is displayed; everything else (limits,

@@ -78,6 +78,8 @@ RANGES: tuple[Range, ...] = (
     Range("data.test_fraction", float, 0, 1, low_open=True, high_open=True),
     Range("data.split_seed", int, 0, MAX_SEED),
     Range("data.generator_seed", int, 0, MAX_SEED),
+    Range("data.transfer_size", int, 0, example="data.transfer_size=20000"),
+    Range("data.transfer_seed", int, 0, MAX_SEED),
     Range("student.width", int, 1, example="student.width=128"),
     Range("student.depth", int, 1, example="student.depth=2"),
     Range("teacher.model.width", int, 1),
@@ -101,6 +103,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "resume": (True, False),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "kd.cache_teacher": ("auto", True, False),
+    "data.transfer_set": (None, "generated"),
 }
 
 
@@ -191,6 +194,21 @@ def validate_config(cfg: DictConfig) -> None:
     _check_forward(cfg, student, "student")
     _check_extra_teachers(cfg, objective)
     _check_chain(cfg, objective)
+    _check_transfer_set(cfg, objective)
+
+
+def _check_transfer_set(cfg: DictConfig, objective: Any) -> None:
+    """Transfer-set inputs have no label: only an objective that learns them from the teacher alone may use them."""
+    if not cfg.data.get("transfer_set"):
+        return
+    if int(cfg.data.get("transfer_size") or 0) < 1:
+        raise ConfigError(f"data.transfer_set={cfg.data.transfer_set} needs data.transfer_size >= 1 (e.g. 20000).")
+    if not getattr(objective, "needs_teacher", True):
+        raise ConfigError("data.transfer_set adds unlabelled inputs, whose only signal is the teacher; kd="
+                          f"{_choice(cfg, 'kd')} uses no teacher. Drop the transfer set for the CE-only baseline.")
+    if not getattr(objective, "handles_unlabelled", False):
+        raise ConfigError(f"kd={_choice(cfg, 'kd')} ({type(objective).__name__}) does not declare how it treats "
+                          "unlabelled transfer inputs (handles_unlabelled); use kd=hinton with data.transfer_set.")
 
 
 def _check_chain(cfg: DictConfig, objective: Any) -> None:

@@ -32,6 +32,9 @@ class RawData:
     y_test: np.ndarray
 
 
+# Where unlabelled transfer inputs come from (data.transfer_set): none, or a generator's new samples.
+TRANSFER_SETS = (None, "generated")
+
 # An augmentation takes a raw batch (B, ...) and a generator that holds all of its randomness.
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -103,6 +106,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         shuffle_seed: int = 0,
+        transfer_set: str | None = None,
+        transfer_size: int = 0,
+        transfer_seed: int = 1,
     ) -> None:
         super().__init__()
         require(batch_size > 0, f"data.batch_size must be positive, got {batch_size}.")
@@ -114,6 +120,15 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
+        require(transfer_set in TRANSFER_SETS, f"data.transfer_set={transfer_set!r} is not an option: it must be "
+                f"one of {', '.join(str(t).lower() for t in TRANSFER_SETS)}.")
+        require(transfer_set is None or (isinstance(transfer_size, int) and transfer_size > 0),
+                f"data.transfer_size must be a positive number of inputs with data.transfer_set={transfer_set}, "
+                f"got {transfer_size!r} (e.g. data.transfer_size=20000).")
+        self.transfer_set = transfer_set
+        self.transfer_size = int(transfer_size or 0)
+        self.transfer_seed = transfer_seed
+        self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}
 
     # -- to implement -------------------------------------------------------
@@ -123,6 +138,14 @@ class InMemoryDataModule(pl.LightningDataModule):
     def batch_transform(self, x: Tensor) -> Tensor:
         """Applied to each gathered batch (e.g. uint8 → normalised float)."""
         return x
+
+    def transfer_inputs(self, size: int, seed: int) -> np.ndarray:
+        """``size`` new unlabelled inputs for ``data.transfer_set=generated``, drawn with ``seed``.
+
+        Only data sets with a generator can make them (MNIST-1D); the default refuses.
+        """
+        raise ConfigError(f"data={self.name} cannot generate transfer inputs (data.transfer_set=generated); "
+                          "use data=mnist1d, or data.transfer_set=null.")
 
     def train_augmentation(self) -> Augmentation | None:
         """Random augmentation of raw training batches (before :meth:`batch_transform`); None: none.
@@ -142,7 +165,24 @@ class InMemoryDataModule(pl.LightningDataModule):
             "val": self._to_split(raw.x_train[val], raw.y_train[val]),
             "test": self._to_split(raw.x_test, raw.y_test),
         }
+        self.labelled_train_size = len(keep)
         self._check_shapes()
+        if self.transfer_set == "generated":
+            self._add_transfer_set(self.transfer_inputs(self.transfer_size, self.transfer_seed))
+
+    def _add_transfer_set(self, inputs: np.ndarray) -> None:
+        """Append unlabelled inputs (target ``UNLABELLED``) to the training split, after checking
+        that none of them is a validation or test input (that would leak the held-out sets)."""
+        from kdexp.objectives.base import UNLABELLED
+
+        transfer = self._to_split(inputs, np.full(len(inputs), UNLABELLED, dtype=np.int64))
+        held_out = {row.tobytes() for name in ("val", "test") for row in self.splits[name].x.numpy()}
+        overlap = sum(row.tobytes() in held_out for row in transfer.x.numpy())
+        if overlap:
+            raise ConfigError(f"{overlap} of the {len(inputs)} transfer inputs equal validation or test inputs: they "
+                              "would leak the held-out sets into training. Choose another data.transfer_seed.")
+        train = self.splits["train"]
+        self.splits["train"] = Split(torch.cat([train.x, transfer.x]), torch.cat([train.y, transfer.y]))
 
     def _to_split(self, x: np.ndarray, y: np.ndarray) -> Split:
         xt = torch.from_numpy(np.ascontiguousarray(x))
@@ -158,7 +198,7 @@ class InMemoryDataModule(pl.LightningDataModule):
                 f"data set '{self.name}' has inputs of shape {list(shape)} but data.input_shape is "
                 f"{list(self.input_shape)}; fix data.input_shape in the data config."
             )
-        found = int(torch.cat([s.y for s in self.splits.values()]).max()) + 1
+        found = int(torch.cat([s.y for s in self.splits.values()]).max()) + 1  # before any unlabelled rows
         if found > self.num_classes:
             raise ConfigError(
                 f"data set '{self.name}' has {found} classes but data.num_classes is {self.num_classes}."

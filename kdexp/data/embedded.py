@@ -11,7 +11,7 @@ import numpy as np
 from filelock import FileLock
 
 from kdexp.data.base import InMemoryDataModule, RawData, stratified_holdout
-from kdexp.errors import DataUnavailableError
+from kdexp.errors import ConfigError, DataUnavailableError
 from kdexp.files import atomic_write, storage_error
 
 
@@ -57,7 +57,28 @@ class MNIST1DDataModule(InMemoryDataModule):
         data = make_dataset(self._generator_args())
         return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
 
-    def _cached_arrays(self, path: Path) -> dict[str, np.ndarray]:
+    def transfer_inputs(self, size: int, seed: int) -> np.ndarray:
+        """``size`` new MNIST-1D signals from generator seed ``seed`` (never the data set's own seed:
+        a larger set drawn with seed 42 repeats 102 of the 1000 test examples)."""
+        from mnist1d.data import make_dataset
+
+        if seed == self.generator_seed:
+            raise ConfigError(f"data.transfer_seed={seed} is the data set's own generator seed: its inputs would "
+                              "repeat training, validation and test examples. Choose another data.transfer_seed.")
+
+        def generate() -> dict[str, np.ndarray]:
+            args = self._generator_args()
+            args.seed, args.num_samples, args.train_split = seed, size, 1.0
+            data = make_dataset(args)
+            return {"x": np.concatenate([np.asarray(data["x"]), np.asarray(data["x_test"])])[:size]}
+
+        if self.cache_dir is None:
+            return generate()["x"].astype(np.float32)
+        key = json.dumps({"transfer_seed": seed, "n": size}, sort_keys=True)
+        path = Path(self.cache_dir) / f"mnist1d-transfer-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+        return self._cached_arrays(path, generate)["x"].astype(np.float32)
+
+    def _cached_arrays(self, path: Path, generate=None) -> dict[str, np.ndarray]:
         """The generated arrays, from ``path`` or generated once and written there under a lock.
 
         A read-only cache that already holds the file is read without the lock.
@@ -72,7 +93,7 @@ class MNIST1DDataModule(InMemoryDataModule):
             lock = None
         try:
             if not path.exists():
-                arrays = self._generate()
+                arrays = (generate or self._generate)()
 
                 def write(tmp: Path) -> None:
                     with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a name

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -61,6 +62,9 @@ class DistillationObjective(nn.Module):
     teacher_features: tuple[str, ...] = ()
     epoch: int = 0  # the training epoch in progress, set by the module at the start of every epoch
     uses_teacher_members: bool = False  # reads each teacher of an ensemble (ModelOutputs.members)
+    # Trains on transfer-set inputs (target UNLABELLED): the teacher's outputs are their only signal,
+    # and the hard-label terms skip them (see labelled_cross_entropy).
+    handles_unlabelled: bool = False
 
     def __init__(self, student_layers: Sequence[str] | None = None,
                  teacher_layers: Sequence[str] | None = None) -> None:
@@ -126,6 +130,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Tensor) and value.numel() == 1:
         return value.item()
     return value
+
+
+# The target of a transfer-set input: no label, only the teacher's outputs (F.cross_entropy's
+# default ignore_index, so an objective that forgot to handle it still never reads it as a class).
+UNLABELLED = -100
+
+
+def labelled_cross_entropy(logits: Tensor, targets: Tensor, **kwargs: Any) -> Tensor:
+    """Cross-entropy averaged over the labelled samples of the batch; 0 when it has none.
+
+    Transfer-set inputs carry :data:`UNLABELLED` targets. ``F.cross_entropy`` already
+    skips them, but returns NaN for a batch without any labelled sample.
+    """
+    labelled = targets != UNLABELLED
+    if bool(labelled.all()):
+        return F.cross_entropy(logits, targets, **kwargs)
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0  # keeps the graph (and the dtype) without a NaN
+    return F.cross_entropy(logits[labelled], targets[labelled], **kwargs)
 
 
 def total_loss(terms: dict[str, Tensor]) -> Tensor:

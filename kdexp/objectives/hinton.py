@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.errors import require
-from kdexp.objectives.base import DistillationObjective, ModelOutputs
+from kdexp.objectives.base import DistillationObjective, ModelOutputs, labelled_cross_entropy
 
 
 def soft_target_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -29,6 +29,7 @@ class HintonKD(DistillationObjective):
     """Soft targets from the teacher mixed with hard labels (Hinton et al., 2015)."""
 
     knobs = ("temperature", "alpha")
+    handles_unlabelled = True  # transfer-set inputs get the soft-target term only
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
@@ -48,7 +49,7 @@ class HintonKD(DistillationObjective):
     ) -> dict[str, Tensor]:
         if teacher is None:
             raise ValueError("HintonKD needs the teacher's outputs")
-        ce = F.cross_entropy(student.logits, targets)
+        ce = labelled_cross_entropy(student.logits, targets)
         kd = soft_target_kl(student.logits, teacher.logits, self.temperature)
         return {"loss_ce": (1.0 - self.alpha) * ce, "loss_kd": self.alpha * kd}
 
