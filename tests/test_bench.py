@@ -9,6 +9,7 @@ import pytest
 from kdexp.bench import format_epochs, main
 
 SMALL = ["experiment=digits_smoke", "teacher.max_epochs=3"]
+pytestmark = pytest.mark.slow  # ~20 s of fits; the suite's default run stays under its time budget
 
 
 @pytest.fixture(scope="module")

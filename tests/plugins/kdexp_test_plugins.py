@@ -55,6 +55,10 @@ class StopAt(pl.Callback):
         if spec:
             epoch, batch, name = spec.split(":")
             self.at = (int(epoch), int(batch), getattr(signal, name))
+            if self.at[2] == signal.SIGINT:
+                # As at a terminal: a process started in the background (CI scripts, `cmd &`) inherits
+                # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at and (trainer.current_epoch, batch_idx) == self.at[:2]:
