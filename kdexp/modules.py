@@ -229,6 +229,9 @@ class SupervisedModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        weights = checkpoint.get("state_dict") or {}
+        for key in [k for k in weights if k.startswith("teacher.")]:  # written before the teacher left checkpoints
+            del weights[key]
         state = checkpoint.get("kdexp") or {}
         if "torch_rng" in state:  # dropout and other in-step randomness continue where they stopped
             torch.set_rng_state(state["torch_rng"])
@@ -266,18 +269,34 @@ class DistillationModule(SupervisedModule):
         super().__init__(model=model, optimizer=optimizer, num_classes=num_classes, objective=objective, **kwargs)
         if teacher is None and teacher_store is None:
             raise ValueError("a DistillationModule needs a teacher model or a store of its outputs")
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        # Held outside the module's registered children (a tuple is not a submodule): the teacher
+        # is never written into the student's checkpoints (harmless at 5k parameters, wrong at 7B),
+        # never reaches the optimiser, and Lightning's train()/eval() never change its mode.
+        self._frozen_teacher = (teacher.eval().requires_grad_(False),) if teacher is not None else ()
         self.teacher_store = teacher_store
         self._teacher_hooks = (
             FeatureHooks(teacher, objective.teacher_features)
             if objective.teacher_features and teacher is not None and teacher_store is None else None
         )
 
-    def train(self, mode: bool = True) -> "DistillationModule":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._frozen_teacher[0] if self._frozen_teacher else None
+
+    def _teacher_to_device(self) -> None:
+        # Not a submodule, so Lightning does not move it with the student: done here, once per stage.
+        teacher = self.teacher
+        if teacher is not None and any(p.device != self.device for p in teacher.parameters()):
+            teacher.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_validation_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_test_start(self) -> None:
+        self._teacher_to_device()
 
     @torch.no_grad()
     def bind_objective(self, example_x: Tensor, example_index: Tensor | None = None) -> None:

@@ -73,6 +73,7 @@ def test_last_ckpt_holds_the_last_epoch_and_best_ckpt_the_best(uninterrupted):
     assert best["epoch"] <= last["epoch"]
     # best.ckpt is only evaluated (and used as a teacher), never resumed: weights, no optimiser state.
     assert "optimizer_states" in last and "optimizer_states" not in best
+    assert not any(k.startswith("teacher.") for k in [*best["state_dict"], *last["state_dict"]])  # never saved
     assert best["state_dict"].keys() == last["state_dict"].keys()
 
 
