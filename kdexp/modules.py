@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from kdexp.errors import NonFiniteLossError
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
-from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
+from kdexp.objectives.base import UNLABELLED, DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
 from kdexp.teacher_outputs import TeacherOutputStore
@@ -49,10 +49,18 @@ class EvalMetrics(nn.Module):
         self.ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")
         self.agreement = MeanMetric()
         self.kl_teacher = MeanMetric()
+        self.nll = MeanMetric()  # mean negative log-likelihood of the targets, in nats
         self.has_teacher = False
+        self.sequence = False
 
     def update(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> None:
+        if logits.dim() == 3:  # a language model: every labelled position is one prediction
+            self.sequence = True
+            valid = targets != UNLABELLED
+            logits, targets = logits[valid], targets[valid]
+            teacher_logits = teacher_logits[valid] if teacher_logits is not None else None
         logits = logits.float()
+        self.nll.update(F.cross_entropy(logits, targets, reduction="none"))
         self.acc.update(logits, targets)
         self.ece.update(logits.softmax(-1), targets)
         if teacher_logits is not None:
@@ -64,14 +72,17 @@ class EvalMetrics(nn.Module):
             self.kl_teacher.update(kl.sum(-1))
 
     def compute(self) -> dict[str, Tensor]:
-        out = {"acc": self.acc.compute(), "ece": self.ece.compute()}
+        out = {"acc": self.acc.compute(), "ece": self.ece.compute(), "nll": self.nll.compute()}
+        if self.sequence:  # per token: perplexity, and bits per token (= per byte for byte-level text)
+            out["ppl"] = out["nll"].exp()
+            out["bpb"] = out["nll"] / math.log(2)
         if self.has_teacher:
             out["agreement"] = self.agreement.compute()
             out["kl_teacher"] = self.kl_teacher.compute()
         return out
 
     def reset(self) -> None:
-        for metric in (self.acc, self.ece, self.agreement, self.kl_teacher):
+        for metric in (self.acc, self.ece, self.agreement, self.kl_teacher, self.nll):
             metric.reset()
 
 

@@ -32,7 +32,7 @@ from kdexp.files import load_weights, storage_error
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
 from kdexp.modules import DistillationModule, SupervisedModule
-from kdexp.objectives.base import DistillationObjective
+from kdexp.objectives.base import UNLABELLED, DistillationObjective
 from kdexp.records import RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
@@ -47,13 +47,15 @@ log = logging.getLogger(__name__)
 # -- small builders ------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: IndexBatches) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode, restored after) on ``batches``."""
+    """Top-1 accuracy of ``model`` (put in eval mode, restored after) on ``batches``: per sample, or
+    per labelled position for a language model's (B, L) targets."""
     was_training = model.training
     model.eval()
     correct = total = 0
     for x, y, _ in batches:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
+        valid = y != UNLABELLED
+        correct += int(((model(x).argmax(-1) == y) & valid).sum())
+        total += int(valid.sum())
     model.train(was_training)
     return correct / max(total, 1)
 
@@ -432,6 +434,17 @@ def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], pa
         )
 
 
+# Above this, `auto` keeps the teacher online: a language model's full (N, L, V) logits (2 GB for
+# the default text set) would cost more disk and page cache than the forward pass saves.
+CACHE_MAX_MB = 1024
+
+
+def _outputs_megabytes(datamodule: InMemoryDataModule, num_classes: int) -> float:
+    """Size of every split's teacher logits as float32 (tapped features not counted)."""
+    positions = sum(split.y.numel() for split in datamodule.splits.values())  # samples, or samples × length
+    return positions * num_classes * 4 / 2**20
+
+
 def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher: Teacher, members: int,
                         objective: DistillationObjective, predictions: TeacherOutputStore | None = None,
                         ) -> tuple[TeacherOutputStore | None, dict[str, Any]]:
@@ -453,6 +466,9 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
         return predictions, {"source": "predictions", "path": str(predictions.path)}
     if mode is False or mode == "false":
         return None, {"source": "online", "reason": "kd.cache_teacher=false"}
+    megabytes = _outputs_megabytes(datamodule, int(cfg.data.num_classes))
+    if megabytes > CACHE_MAX_MB and mode not in (True, "true"):
+        return None, {"source": "online", "reason": f"outputs too large to cache ({megabytes:.0f} MB > {CACHE_MAX_MB} MB)"}
     if datamodule.train_augmentation() is not None:
         if mode is True or mode == "true":
             raise ConfigError(f"kd.cache_teacher=true, but data={choice(cfg, 'data')} augments its training "

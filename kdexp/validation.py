@@ -187,6 +187,7 @@ def validate_config(cfg: DictConfig) -> None:
         teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
         student = _build(cfg, cfg.student, "student", "student")
         objective = instantiate(objective_node(cfg), what="kd")  # its own errors name its keys; it does not "fit" data
+    _check_task(cfg, objective)
     _check_schedules(cfg, objective)
     _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
     _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
@@ -288,14 +289,29 @@ def _check_forward(cfg: DictConfig, model: torch.nn.Module, group: str) -> None:
     """One forward pass on a dummy batch of the data's shape: the logits must have one column per class."""
     shape = [int(d) for d in cfg.data.input_shape]
     num_classes = int(cfg.data.num_classes)
+    dtype = getattr(torch, str(cfg.data.get("input_dtype") or "float32"))
+    expected = (2, *shape, num_classes) if _task(cfg) == "causal_lm" else (2, num_classes)
     try:
         with torch.no_grad():
-            logits = model.eval()(torch.zeros(2, *shape))
+            logits = model.eval()(torch.zeros(2, *shape, dtype=dtype))
     except KdexpError:
         raise
     except Exception as err:
         raise ConfigError(f"{group}={_choice(cfg, group)} cannot take data={_choice(cfg, 'data')} inputs of shape "
                           f"{shape}: {type(err).__name__}: {err}") from None
-    if tuple(logits.shape) != (2, num_classes):
+    if tuple(logits.shape) != expected:
+        what = (f"next-token logits of shape {list(expected[1:])}" if len(expected) > 2 else f"{num_classes} classes")
         raise ConfigError(f"{group}={_choice(cfg, group)} gives outputs of shape {list(logits.shape[1:])} for "
-                          f"data={_choice(cfg, 'data')}, which has {num_classes} classes.")
+                          f"data={_choice(cfg, 'data')}, which needs {what}.")
+
+
+def _task(cfg: DictConfig) -> str:
+    return str(cfg.data.get("task") or "classification")
+
+
+def _check_task(cfg: DictConfig, objective: Any) -> None:
+    """A language-model task needs an objective that reads (B, L, V) logits with a target per position."""
+    if _task(cfg) == "causal_lm" and not getattr(objective, "handles_sequences", False):
+        raise ConfigError(f"data={_choice(cfg, 'data')} is a language-model task (logits per position), and "
+                          f"kd={_choice(cfg, 'kd')} ({type(objective).__name__}) works on class logits. Use "
+                          "kd=token_kd (token-level KD) or kd=none.")

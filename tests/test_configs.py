@@ -34,9 +34,21 @@ def setup_for(group: str, option: str) -> list[str]:
     """Overrides for ``group`` (data, teacher or student) = ``option`` to compose with matching neighbours."""
     if (group, option) in FITS_MNIST1D | FITS_ANY:
         return []
+    if option in ("stdlib_text", "gpt"):  # the language-model task: token ids in, (B, L, V) out
+        return [*(["data=stdlib_text"] if group != "data" else []), "teacher=gpt", "student=gpt", "kd=token_kd",
+                "data.max_train_bytes=20000", "data.max_eval_bytes=5000"]
     if is_cifar_net(option):
         return ["data=cifar100", "teacher=cnn2d"]
     return ["teacher=cnn2d"] if group == "data" else ["data=digits", "teacher=cnn2d"]
+
+
+def model_input(cfg, batch: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A dummy batch of the data's inputs, and the logits' shape a fitting model gives for it."""
+    shape = [int(d) for d in cfg.data.input_shape]
+    x = torch.zeros(batch, *shape, dtype=getattr(torch, cfg.data.get("input_dtype", "float32")))
+    if cfg.data.get("task") == "causal_lm":
+        return x, (batch, *shape, cfg.data.num_classes)
+    return x, (batch, cfg.data.num_classes)
 
 
 def test_slurm_launcher_config(tmp_path):
@@ -62,8 +74,8 @@ def test_data_configs(option, tmp_path):
     assert dm.num_classes == cfg.data.num_classes and list(dm.input_shape) == list(cfg.data.input_shape)
     teacher = instantiate(cfg.teacher.model)
     student = instantiate(cfg.student)
-    x = torch.zeros(2, *cfg.data.input_shape)
-    assert teacher(x).shape == student(x).shape == (2, cfg.data.num_classes)
+    x, expected = model_input(cfg, 2)
+    assert teacher(x).shape == student(x).shape == expected
 
 
 @pytest.mark.parametrize("group", ["teacher", "student"])
@@ -72,7 +84,8 @@ def test_model_configs(group, tmp_path):
         cfg = compose_config([f"{group}={option}", *setup_for(group, option)], tmp_path)
         node = cfg.teacher.model if group == "teacher" else cfg.student
         model = instantiate(node)
-        assert model(torch.zeros(3, *cfg.data.input_shape)).shape == (3, cfg.data.num_classes)
+        x, expected = model_input(cfg, 3)
+        assert model(x).shape == expected
 
 
 def test_a_wrong_pairing_cannot_be_composed_silently(tmp_path):

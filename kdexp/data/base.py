@@ -32,6 +32,9 @@ class RawData:
     y_test: np.ndarray
 
 
+# What a data set's targets are: one class per sample, or the next token at every position.
+TASKS = ("classification", "causal_lm")
+
 # Where unlabelled transfer inputs come from (data.transfer_set): none, or a generator's new samples.
 TRANSFER_SETS = (None, "generated")
 
@@ -109,6 +112,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         transfer_set: str | None = None,
         transfer_size: int = 0,
         transfer_seed: int = 1,
+        task: str = "classification",
+        input_dtype: str = "float32",
     ) -> None:
         super().__init__()
         require(batch_size > 0, f"data.batch_size must be positive, got {batch_size}.")
@@ -128,6 +133,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.transfer_set = transfer_set
         self.transfer_size = int(transfer_size or 0)
         self.transfer_seed = transfer_seed
+        require(task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {task!r}.")
+        self.task = task  # classification: logits (B, C); causal_lm: logits (B, L, V), a target per position
+        self.input_dtype = input_dtype
         self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}
 

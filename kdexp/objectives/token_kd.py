@@ -64,6 +64,7 @@ class TokenKD(DistillationObjective):
 
     knobs = ("temperature", "alpha")  # the divergence is in the name (token_kd, token_rkl, token_jsd)
     handles_unlabelled = True  # positions marked UNLABELLED are left out of both terms
+    handles_sequences = True
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.5, divergence: str = "forward_kl",
                  beta: float = 0.5) -> None:

@@ -1,0 +1,88 @@
+"""Byte-level causal language modelling on text every Python installation carries.
+
+The corpus is the standard library's own source files (``sysconfig`` "stdlib", ``*.py``
+outside tests), so nothing is downloaded. Files, not windows, are split into train /
+validation / test (by a hash of their path: the same file is always in the same split),
+so no held-out text was seen in training. Each split's bytes are cut into windows of
+``context + 1`` bytes: inputs are the first ``context``, targets the next byte at every
+position (a byte is a token: 256 classes, so bits per token are bits per byte).
+
+The corpus differs between Python versions; the run's data fingerprint records which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdexp.data.base import InMemoryDataModule, Split
+from kdexp.errors import ConfigError, require
+
+SEPARATOR = b"\n\x00\n"  # between files: a byte sequence that never occurs inside source text
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's ``*.py`` files (tests and site-packages excluded), in a fixed order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py")
+             if not ({"test", "tests", "site-packages", "idle_test", "__pycache__"} & set(p.relative_to(root).parts))]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def split_of(relative: str, val_percent: int, test_percent: int) -> str:
+    """``train`` / ``val`` / ``test`` for a file, from a hash of its path (stable across machines)."""
+    bucket = int(hashlib.sha256(relative.encode()).hexdigest()[:8], 16) % 100
+    if bucket < val_percent:
+        return "val"
+    return "test" if bucket < val_percent + test_percent else "train"
+
+
+class StdlibTextDataModule(InMemoryDataModule):
+    """Next-byte prediction on the standard library's source (see the module docstring)."""
+
+    name = "stdlib_text"
+
+    def __init__(self, num_classes: int = 256, input_shape: Sequence[int] = (128,), max_train_bytes: int = 2_000_000,
+                 max_eval_bytes: int = 200_000, val_percent: int = 5, test_percent: int = 5,
+                 root: str | None = None, **kwargs) -> None:
+        kwargs.pop("cache_dir", None)
+        super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
+        require(num_classes == 256, f"stdlib_text is byte-level: data.num_classes must be 256, got {num_classes}.")
+        require(len(self.input_shape) == 1 and self.input_shape[0] >= 2,
+                f"data.input_shape is [context length] for text, e.g. [128]; got {list(self.input_shape)}.")
+        require(max_train_bytes > 0 and max_eval_bytes > 0, "data.max_train_bytes and max_eval_bytes must be > 0.")
+        self.max_train_bytes, self.max_eval_bytes = int(max_train_bytes), int(max_eval_bytes)
+        self.val_percent, self.test_percent = int(val_percent), int(test_percent)
+        self.root = root
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        root = Path(self.root or sysconfig.get_paths()["stdlib"])
+        files = stdlib_files(root)
+        if not files:
+            raise ConfigError(f"no Python source files under {root} to build the text corpus from.")
+        chunks: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
+        for path in files:
+            chunks[split_of(path.relative_to(root).as_posix(), self.val_percent, self.test_percent)].append(
+                path.read_bytes())
+        limits = {"train": self.max_train_bytes, "val": self.max_eval_bytes, "test": self.max_eval_bytes}
+        self.splits = {name: self._windows(SEPARATOR.join(parts)[:limits[name]], name) for name, parts in chunks.items()}
+        self.labelled_train_size = len(self.splits["train"].x)
+
+    def _windows(self, text: bytes, name: str) -> Split:
+        context = self.input_shape[0]
+        data = np.frombuffer(text, dtype=np.uint8)
+        count = (len(data) - 1) // context
+        if count < 1:
+            raise ConfigError(f"the {name} split holds {len(data)} bytes, fewer than one window of {context + 1}; "
+                              "raise data.max_*_bytes or lower data.input_shape.")
+        tokens = torch.from_numpy(data[: count * context + 1].astype(np.int64))
+        x = tokens[:-1].view(count, context)  # (N, L) inputs
+        y = tokens[1:].view(count, context)   # (N, L) next byte at every position
+        return Split(x.contiguous(), y.contiguous())

@@ -1,0 +1,79 @@
+"""The embedded causal-LM task: stdlib text split by file, a causal GPT, token KD end to end."""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config
+from kdexp.data.text import StdlibTextDataModule, split_of, stdlib_files
+from kdexp.errors import ConfigError
+from kdexp.models.gpt import TinyGPT
+from kdexp.objectives.base import UNLABELLED
+from kdexp.pipeline import evaluate_accuracy
+from kdexp.train import run
+from kdexp.validation import validate_config
+
+SMALL = ["data=stdlib_text", "teacher=gpt", "student=gpt", "kd=token_kd", "data.max_train_bytes=40000",
+         "data.max_eval_bytes=8000", "data.input_shape=[32]", "teacher.model.width=32", "teacher.model.depth=1",
+         "student.width=16", "student.depth=1", "teacher.max_epochs=2", "trainer.max_epochs=2", "logger=none"]
+
+
+def test_files_not_windows_are_split_and_targets_are_the_next_byte():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p.relative_to(root).as_posix() for p in stdlib_files(root)]
+    splits = {name: {f for f in files if split_of(f, 5, 5) == name} for name in ("train", "val", "test")}
+    assert sum(len(s) for s in splits.values()) == len(files) and all(splits.values())
+    assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"])
+    dm = StdlibTextDataModule(input_shape=[16], max_train_bytes=5000, max_eval_bytes=2000)
+    dm.setup()
+    for split in dm.splits.values():
+        assert torch.equal(split.x[:, 1:], split.y[:, :-1])  # y is x shifted by one byte
+        assert torch.equal(split.x[1:, 0], split.y[:-1, -1])  # windows continue the text
+        assert int(split.x.max()) < 256
+    with pytest.raises(ConfigError, match="byte-level"):
+        StdlibTextDataModule(num_classes=100)
+
+
+def test_the_model_is_causal():
+    torch.manual_seed(0)
+    model = TinyGPT([12], 256, width=16, depth=2, heads=2).eval()
+    tokens = torch.randint(0, 256, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6) and not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_accuracy_counts_labelled_positions_only():
+    class Echo(torch.nn.Module):
+        def forward(self, x):  # predicts the input byte itself at every position
+            return torch.nn.functional.one_hot(x, 256).float()
+
+    x = torch.tensor([[1, 2, 3, 4]])
+    y = torch.tensor([[1, 9, UNLABELLED, UNLABELLED]])
+    assert evaluate_accuracy(Echo(), [(x, y, torch.tensor([0]))]) == 0.5
+
+
+def test_a_byte_level_teacher_is_distilled_token_by_token(tmp_path):
+    record = run(compose_config([*SMALL, f"paths.output_dir={tmp_path / 'run'}"], tmp_path))
+    m = record["metrics"]
+    assert record["status"] == "finished" and record["objective"]["name"] == "token_kd"
+    assert m["test/bpb"] == pytest.approx(m["test/nll"] / math.log(2), rel=1e-5)
+    assert m["test/ppl"] == pytest.approx(math.exp(m["test/nll"]), rel=1e-4)
+    assert 0 < m["test/agreement"] <= 1 and m["test/kl_teacher"] > 0
+    assert m["test/acc"] > m["val/acc_init"]  # it learnt something in two epochs
+    assert m["test/bpb"] < 8.0  # better than a uniform guess over 256 bytes
+    assert record["teacher_outputs"]["source"] == "cache"  # (N, L, V) logits small enough here
+
+
+def test_a_class_logit_objective_is_refused_for_a_language_model(tmp_path):
+    with pytest.raises(ConfigError, match="language-model task"):
+        validate_config(compose_config([*SMALL, "kd=hinton"], tmp_path))
+    with pytest.raises(ConfigError, match=r"student=.* cannot take data=.* inputs of shape \[32\]"):
+        validate_config(compose_config([*SMALL, "student=mlp"], tmp_path))
