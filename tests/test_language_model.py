@@ -77,3 +77,10 @@ def test_a_class_logit_objective_is_refused_for_a_language_model(tmp_path):
         validate_config(compose_config([*SMALL, "kd=hinton"], tmp_path))
     with pytest.raises(ConfigError, match=r"student=.* cannot take data=.* inputs of shape \[32\]"):
         validate_config(compose_config([*SMALL, "student=mlp"], tmp_path))
+
+
+def test_hidden_state_kd_runs_on_the_language_model(tmp_path):
+    record = run(compose_config([*SMALL, "kd=hidden_kd", "trainer.max_epochs=1", "schedule=alpha_warmup",
+                                 f"paths.output_dir={tmp_path / 'hidden'}"], tmp_path))
+    assert record["status"] == "finished" and record["objective"]["name"] == "hidden_kd"
+    assert record["metrics"]["train/loss_hidden"] > 0 and "train/alpha" in record["metrics"]

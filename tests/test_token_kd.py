@@ -100,3 +100,26 @@ def test_on_class_logits_forward_kl_is_hinton_kd():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TokenKD(**kwargs)
+
+
+def test_hidden_state_kd_projects_and_sends_gradients_to_student_and_projection_only():
+    from kdexp.objectives.hidden_state import HiddenStateKD, hidden_distance
+
+    s, t, targets = seeded()
+    g = torch.Generator().manual_seed(3)
+    h_s = torch.randn(B, L, 6, generator=g).requires_grad_()
+    h_t = torch.randn(B, L, 10, generator=g).requires_grad_()
+    objective = HiddenStateKD(student_layers=["blocks.1"], teacher_layers=["blocks.3"], gamma=2.0, distance="mse")
+    student, teacher = ModelOutputs(s, {"blocks.1": h_s}), ModelOutputs(t, {"blocks.3": h_t})
+    objective.bind(student, teacher)
+    projection = objective.projections[0]
+    assert isinstance(projection, torch.nn.Linear) and projection.weight.shape == (10, 6)
+    terms = objective(student, teacher, targets)
+    valid = targets != UNLABELLED
+    expected = ((projection(h_s) - h_t) ** 2).mean(-1)[valid].mean()
+    assert terms["loss_hidden"].item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
+    terms["loss_hidden"].backward()
+    assert h_s.grad is not None and projection.weight.grad is not None and h_t.grad is None
+    assert h_s.grad[~valid].abs().sum() == 0  # padding positions get no gradient
+    same = torch.randn(B, L, 4, generator=g)
+    assert hidden_distance(same, same * 3.0, valid, "cosine").item() == pytest.approx(0.0, abs=1e-6)
