@@ -36,7 +36,7 @@ from kdexp.objectives.base import UNLABELLED, DistillationObjective
 from kdexp.records import RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
-from kdexp.teacher import Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
+from kdexp.teacher import INIT_FILE_ROLE, Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
 from kdexp.teacher_outputs import TeacherOutputStore, cached_store, compute_store, identity_mismatch, read_store
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
 from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST
@@ -522,9 +522,24 @@ def objective_label(objective: DistillationObjective, schedules: dict[str, Sched
     return "-".join([objective.describe(), *(f"{name}~{s.describe()}" for name, s in schedules.items())])
 
 
+def init_student(cfg: DictConfig, student: nn.Module) -> dict[str, Any] | None:
+    """Start the student from ``init_from`` (a kdexp run's checkpoint, or a state dict) when given.
+
+    This is the "fine-tune after distillation" stage: ``kd=none init_from=<distilled run>/checkpoints/best.ckpt``.
+    Returns what the record states about it (path, weights hash as loaded, the source run's record).
+    """
+    path = cfg.get("init_from")
+    if not path:
+        return None
+    load_teacher_weights(student, path, int(cfg.data.num_classes), INIT_FILE_ROLE)
+    source = read_record(Path(path).resolve().parent.parent) or {}
+    return {"path": str(Path(path).resolve()), "hash": weights_hash(student),
+            "run": source.get("run_name"), "objective": (source.get("objective") or {}).get("label")}
+
+
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
     width = cfg.student.get("width", "")
-    return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"
+    return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"  # finetune-gpt64-ce-s1
 
 
 def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | None = None) -> dict[str, Any]:
@@ -564,12 +579,15 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     pl.seed_everything(int(cfg.seed), verbose=False)
     objective = instantiate(objective_node(cfg), what="kd")
     student = instantiate(cfg.student)
+    initial_weights = init_student(cfg, student)
     schedules = build_schedules(cfg)
-    job_type = "distill" if objective.needs_teacher else "baseline"
+    # A CE-only run that starts from a distilled student is fine-tuning, not the CE-only baseline.
+    job_type = "distill" if objective.needs_teacher else "finetune" if initial_weights else "baseline"
     identity = {**objective.identity(), "label": objective_label(objective, schedules)}
     run_name = run_name_for(cfg, job_type, identity["label"])
     parameters = count_parameters(student)
-    recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity)
+    recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity,
+                    **({"init_from": initial_weights} if initial_weights else {}))
     with recorder.timed("teacher_outputs"):
         teacher_store, outputs_note = get_teacher_outputs(cfg, datamodule, teacher, len(members), objective,
                                                          predictions)

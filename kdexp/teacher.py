@@ -87,43 +87,52 @@ def _extract_state_dict(blob: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_checkpoint(path: str | Path) -> Any:
-    """The unpickled contents of a teacher checkpoint, or a clear error when there is none."""
+# What a checkpoint is loaded as: (what it is, which model, how to fix a missing one, how a mismatched one).
+TEACHER_FILE_ROLE = ("teacher checkpoint", "teacher",
+                     "Fix teacher.checkpoint, or set teacher.checkpoint=null to train the teacher once and cache it",
+                     "Check teacher=<arch> and teacher.model.width against the checkpoint")
+INIT_FILE_ROLE = ("init_from checkpoint", "student",
+                  "Fix init_from: it names the checkpoint the student starts from (a run's checkpoints/best.ckpt)",
+                  "Check student=<arch> and student.width against the run that wrote it")
+
+
+def read_checkpoint(path: str | Path, role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> Any:
+    """The unpickled contents of a checkpoint, or a clear error when there is none."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"teacher checkpoint not found: {path.resolve()}. Fix teacher.checkpoint, or set "
-            "teacher.checkpoint=null to train the teacher once and cache it."
-        )
-    return load_weights(path, what="teacher checkpoint")
+        raise CheckpointError(f"{role[0]} not found: {path.resolve()}. {role[2]}.")
+    return load_weights(path, what=role[0])
 
 
-def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes: int) -> nn.Module:
+def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes: int,
+                     role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> nn.Module:
     """Load the weights in ``blob`` (read from ``path``) into ``model`` or explain why they do not fit."""
+    what, which, _, check = role
     try:
         state = _extract_state_dict(blob)
     except CheckpointError as err:
-        raise CheckpointError(f"teacher checkpoint {path}: {err}") from err
+        raise CheckpointError(f"{what} {path}: {err}") from err
     head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     if head and head[-1].shape[0] != num_classes:
         raise CheckpointError(
-            f"teacher checkpoint {path} predicts {head[-1].shape[0]} classes but the data set has "
-            f"{num_classes}. Use a teacher trained on this data set, or teacher.checkpoint=null."
+            f"{what} {path} predicts {head[-1].shape[0]} classes but the data set has "
+            f"{num_classes}. Use a model trained on this data set" + (", or teacher.checkpoint=null." if
+                                                                        which == "teacher" else ".")
         )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0:3]
         raise CheckpointError(
-            f"teacher checkpoint {path} does not match teacher model {type(model).__name__}: "
-            f"{' '.join(first)}. Check teacher=<arch> and teacher.model.width against the checkpoint."
+            f"{what} {path} does not match {which} model {type(model).__name__}: {' '.join(first)}. {check}."
         ) from err
     return model
 
 
-def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int) -> nn.Module:
+def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int,
+                         role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> nn.Module:
     """Load ``path`` into ``model`` or explain why it does not fit."""
-    return apply_checkpoint(model, read_checkpoint(path), path, num_classes)
+    return apply_checkpoint(model, read_checkpoint(path, role), path, num_classes, role)
 
 
 def provision_teacher(

@@ -84,3 +84,23 @@ def test_hidden_state_kd_runs_on_the_language_model(tmp_path):
                                  f"paths.output_dir={tmp_path / 'hidden'}"], tmp_path))
     assert record["status"] == "finished" and record["objective"]["name"] == "hidden_kd"
     assert record["metrics"]["train/loss_hidden"] > 0 and "train/alpha" in record["metrics"]
+
+
+def test_fine_tuning_after_distillation_starts_from_the_distilled_student(tmp_path):
+    from kdexp.errors import CheckpointError
+    from kdexp.teacher import load_teacher_weights, weights_hash
+
+    distilled = run(compose_config([*SMALL, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'kd'}"], tmp_path))
+    best = distilled["checkpoints"]["best"]
+    tuned = run(compose_config([*SMALL, "kd=none", "trainer.max_epochs=1", f"init_from={best}",
+                                f"paths.output_dir={tmp_path / 'ft'}"], tmp_path))
+    student = load_teacher_weights(TinyGPT([32], 256, width=16, depth=1), best, 256)
+    assert tuned["job_type"] == "finetune" and tuned["init_from"]["hash"] == weights_hash(student)
+    assert tuned["init_from"]["run"] == distilled["run_name"]
+    assert tuned["metrics"]["val/acc_init"] == pytest.approx(distilled["metrics"]["val/acc_best"], abs=1e-6)
+    with pytest.raises(CheckpointError, match="init_from checkpoint not found"):
+        run(compose_config([*SMALL, "kd=none", f"init_from={tmp_path / 'nope.ckpt'}",
+                            f"paths.output_dir={tmp_path / 'bad'}"], tmp_path))
+    with pytest.raises(CheckpointError, match="does not match student model"):
+        run(compose_config([*SMALL, "kd=none", "student.width=32", f"init_from={best}",
+                            f"paths.output_dir={tmp_path / 'bad2'}"], tmp_path))

@@ -38,6 +38,8 @@ def run_kind(job_type: str | None, choices: Mapping[str, Any]) -> str:
     """``distill`` or ``baseline``; a run that failed before it knew its job type goes by ``kd=none``."""
     if job_type in ("distill", "baseline"):
         return job_type
+    if job_type == "finetune":  # a distilled student trained on: a result of KD, not the CE-only reference
+        return "distill"
     return "baseline" if choices.get("kd") == "none" else "distill"
 
 
