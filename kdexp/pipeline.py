@@ -439,7 +439,7 @@ def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], pa
 CACHE_MAX_MB = 1024
 
 
-def _outputs_megabytes(datamodule: InMemoryDataModule, num_classes: int) -> float:
+def outputs_megabytes(datamodule: InMemoryDataModule, num_classes: int) -> float:
     """Size of every split's teacher logits as float32 (tapped features not counted)."""
     positions = sum(split.y.numel() for split in datamodule.splits.values())  # samples, or samples × length
     return positions * num_classes * 4 / 2**20
@@ -466,7 +466,7 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
         return predictions, {"source": "predictions", "path": str(predictions.path)}
     if mode is False or mode == "false":
         return None, {"source": "online", "reason": "kd.cache_teacher=false"}
-    megabytes = _outputs_megabytes(datamodule, int(cfg.data.num_classes))
+    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes))
     if megabytes > CACHE_MAX_MB and mode not in (True, "true"):
         return None, {"source": "online", "reason": f"outputs too large to cache ({megabytes:.0f} MB > {CACHE_MAX_MB} MB)"}
     if datamodule.train_augmentation() is not None:

@@ -57,7 +57,8 @@ def compose(overrides: list[str], output_dir: Path):
 
 def main(argv: list[str]) -> int:
     from kdexp.config import instantiate, objective_node
-    from kdexp.pipeline import apply_num_threads, get_teachers, teacher_output_identity
+    from kdexp.pipeline import (CACHE_MAX_MB, apply_num_threads, get_teachers, outputs_megabytes,
+                                teacher_output_identity)
     from kdexp.teacher_outputs import compute_store, save_store
     from kdexp.validation import validate_config
 
@@ -76,6 +77,11 @@ def main(argv: list[str]) -> int:
     if datamodule.train_augmentation() is not None:
         log.warning("data augments its training inputs at random; these predictions are on un-augmented inputs, "
                     "and student runs with this data will refuse them.")
+    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes))
+    if megabytes > CACHE_MAX_MB and not args.force:
+        raise ConfigError(f"the teacher's full outputs on this data would take {megabytes:.0f} MB (over "
+                          f"{CACHE_MAX_MB} MB): a language model's logits at every position. Top-k saved "
+                          "predictions are not built yet; pass --force to write them all anyway.")
     teacher, members = get_teachers(cfg, datamodule)
     objective = instantiate(objective_node(cfg), what="kd")
     identity = teacher_output_identity(cfg, teacher, datamodule.fingerprint(), len(members),
