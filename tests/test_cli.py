@@ -126,7 +126,7 @@ def test_nan_loss_stops_the_run_and_names_the_step(runs, tmp_path):
 def test_help_and_composed_config_through_both_entry_points():
     help_text = subprocess.run([sys.executable, "-m", "kdexp.train", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=120)
-    assert help_text.returncode == 0 and "kd: attention, dist, dkd, fitnets, hinton, mse_logits" in help_text.stdout
+    assert help_text.returncode == 0 and "kd: attention, dist, dkd, fitnets, hidden_kd, hinton, mse_logits" in help_text.stdout
     kdexp = shutil.which("kdexp") or os.path.join(os.path.dirname(sys.executable), "kdexp")
     job = subprocess.run([kdexp, "train", "--cfg", "job", "kd.temperature=8", "student.width=512"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

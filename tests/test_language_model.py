@@ -79,6 +79,7 @@ def test_a_class_logit_objective_is_refused_for_a_language_model(tmp_path):
         validate_config(compose_config([*SMALL, "student=mlp"], tmp_path))
 
 
+@pytest.mark.slow  # the objective's math is tested in test_token_kd; this is the end-to-end wiring
 def test_hidden_state_kd_runs_on_the_language_model(tmp_path):
     record = run(compose_config([*SMALL, "kd=hidden_kd", "trainer.max_epochs=1", "schedule=alpha_warmup",
                                  f"paths.output_dir={tmp_path / 'hidden'}"], tmp_path))
