@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.config import objective_node, to_plain
 from kdexp.errors import ConfigError
+from kdexp.train import CONF_DIR as _CONF_DIR
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(_CONF_DIR)
 # Settings that do not change what a stage learns (kept out of its key).
 _NOT_IN_STAGE_KEY = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
 _DATA_NOT_IN_KEY = ("cache_dir", "data_dir", "download", "eval_batch_size")

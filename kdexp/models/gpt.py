@@ -9,7 +9,6 @@ language models. Stages are named for feature taps: ``blocks.0`` … and ``pre_l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -73,7 +72,3 @@ class TinyGPT(nn.Module):
         h = self.token(tokens) + self.position(positions)  # (B, L, D)
         return self.head(self.pre_logits(self.blocks(h)))  # (B, L, V)
 
-
-def bits_per_token(nll_nats: float) -> float:
-    """Mean negative log-likelihood in nats → bits (per byte for byte-level tokens)."""
-    return nll_nats / math.log(2)
