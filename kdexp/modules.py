@@ -24,7 +24,7 @@ from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import UNLABELLED, DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
-from kdexp.teacher_outputs import TeacherOutputStore
+from kdexp.teacher_outputs import TeacherOutputStore, as_teacher_input
 from kdexp.vocabulary import VAL_ACC
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -330,9 +330,10 @@ class DistillationModule(SupervisedModule):
         # when precomputed, else a forward pass of the frozen teacher.
         if self.teacher_store is not None:
             return self.teacher_store.outputs(split, index)
+        x = as_teacher_input(self.teacher, x)  # a teacher loaded in bf16 (teacher.dtype) reads bf16
         if isinstance(self.teacher, TeacherEnsemble):  # several teachers: each one's view, and their average
-            members = self.teacher.member_logits(x)
+            members = [m.float() for m in self.teacher.member_logits(x)]
             return ModelOutputs(average_probability_logits(members), {}, members)
-        logits = self.teacher(x)
-        features = self._teacher_hooks.pop() if self._teacher_hooks else {}
+        logits = self.teacher(x).float()  # the objectives compute in float32 whatever the teacher's dtype
+        features = {k: v.float() for k, v in (self._teacher_hooks.pop() if self._teacher_hooks else {}).items()}
         return ModelOutputs(logits, features)

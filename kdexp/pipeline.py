@@ -397,6 +397,7 @@ def teacher_output_identity(cfg: DictConfig, teacher: Teacher, fingerprint: str,
         **data_identity(cfg, fingerprint),
         "teacher_layers": sorted(teacher_layers),
         "members": members,
+        "teacher_dtype": cfg.teacher.get("dtype"),
         "num_threads": cfg.get("num_threads"),
         "teacher": {"test_acc": teacher.test_acc, "source": teacher.source, "path": teacher.path,
                     "model": to_plain(cfg.teacher.model)},
@@ -565,6 +566,8 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     with recorder.timed("teacher"):
         teacher, members = get_teachers(cfg, datamodule)
     require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)))
+    if cfg.teacher.get("dtype"):  # e.g. bfloat16: half the memory of a large teacher (its test accuracy was measured
+        teacher.model.to(getattr(torch, str(cfg.teacher.dtype)))  # in float32, the hash is of the trained weights)
     if members:
         recorder.update(teachers=[{"hash": m.weights_hash, "test_acc": m.test_acc, "source": m.source, "path": m.path,
                                    "cache_key": m.cache_key} for m in members])

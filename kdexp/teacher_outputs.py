@@ -46,7 +46,15 @@ VERSION = 1
 SPLITS = ("train", "val", "test")
 CACHE_FILE = "outputs.pt"
 # Manifest fields two files must share to hold the same teacher's outputs on the same inputs.
-IDENTITY_FIELDS = ("teacher_hash", "data_fingerprint", "data_transform", "teacher_layers", "members")
+IDENTITY_FIELDS = ("teacher_hash", "data_fingerprint", "data_transform", "teacher_layers", "members", "teacher_dtype")
+
+
+def as_teacher_input(teacher: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the teacher's parameter dtype when both are floating point (a bf16 teacher reads bf16 inputs)."""
+    param = next(teacher.parameters(), None)
+    if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+        return x.to(param.dtype)
+    return x
 
 
 @dataclass
@@ -116,6 +124,7 @@ def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str
     logits, members, features = [], [], {name: [] for name in teacher_layers}
     try:
         for x, _, index in batches:
+            x = as_teacher_input(teacher, x)
             if isinstance(teacher, TeacherEnsemble):
                 member_logits = teacher.member_logits(x)
                 logits.append(average_probability_logits(member_logits).float())

@@ -104,6 +104,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "kd.cache_teacher": ("auto", True, False),
     "data.transfer_set": (None, "generated"),
+    "teacher.dtype": (None, "float32", "bfloat16", "float16"),
 }
 
 

@@ -105,3 +105,21 @@ def test_fine_tuning_after_distillation_starts_from_the_distilled_student(tmp_pa
     with pytest.raises(CheckpointError, match="does not match student model"):
         run(compose_config([*SMALL, "kd=none", "student.width=32", f"init_from={best}",
                             f"paths.output_dir={tmp_path / 'bad2'}"], tmp_path))
+
+
+def test_a_bf16_teacher_is_held_in_bf16_and_gives_float32_outputs_close_to_float32(tmp_path):
+    from kdexp.modules import DistillationModule
+    from kdexp.objectives.token_kd import TokenKD
+
+    torch.manual_seed(0)
+    teacher = TinyGPT([16], 256, width=32, depth=1).eval()
+    x = torch.randint(0, 256, (2, 16))
+    full = teacher(x).detach()
+    module = DistillationModule(model=TinyGPT([16], 256, width=16, depth=1), teacher=teacher.to(torch.bfloat16),
+                                optimizer=torch.optim.Adam, num_classes=256, objective=TokenKD())
+    out = module.teacher_outputs(x, torch.arange(2), "train")
+    assert next(teacher.parameters()).dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+    assert torch.allclose(out.logits, full, atol=0.1) and not torch.equal(out.logits, full)
+    record = run(compose_config([*SMALL, "trainer.max_epochs=1", "teacher.dtype=bfloat16",
+                                 f"paths.output_dir={tmp_path / 'bf16'}"], tmp_path))
+    assert record["status"] == "finished" and record["config"]["teacher"]["dtype"] == "bfloat16"
