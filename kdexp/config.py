@@ -42,7 +42,7 @@ def to_plain(cfg: DictConfig | None) -> Any:
 
 # Keys of the ``kd`` node that say how a run obtains its teacher's outputs; they are not
 # arguments of the objective, so they are left out when it is built.
-RUN_LEVEL_KD_KEYS = ("cache_teacher",)
+RUN_LEVEL_KD_KEYS = ("cache_teacher", "cache_topk")
 
 
 def objective_node(cfg: DictConfig) -> DictConfig:

@@ -398,6 +398,7 @@ def teacher_output_identity(cfg: DictConfig, teacher: Teacher, fingerprint: str,
         "teacher_layers": sorted(teacher_layers),
         "members": members,
         "teacher_dtype": cfg.teacher.get("dtype"),
+        "topk": cfg.kd.get("cache_topk"),
         "num_threads": cfg.get("num_threads"),
         "teacher": {"test_acc": teacher.test_acc, "source": teacher.source, "path": teacher.path,
                     "model": to_plain(cfg.teacher.model)},
@@ -440,10 +441,12 @@ def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], pa
 CACHE_MAX_MB = 1024
 
 
-def outputs_megabytes(datamodule: InMemoryDataModule, num_classes: int) -> float:
-    """Size of every split's teacher logits as float32 (tapped features not counted)."""
+def outputs_megabytes(datamodule: InMemoryDataModule, num_classes: int, topk: int | None = None) -> float:
+    """Size of every split's teacher logits (float32; with ``topk``: k values, k indices and the rest's
+    log-sum-exp per position), tapped features not counted."""
     positions = sum(split.y.numel() for split in datamodule.splits.values())  # samples, or samples × length
-    return positions * num_classes * 4 / 2**20
+    per_position = (8 * min(topk, num_classes) + 4) if topk else 4 * num_classes
+    return positions * per_position / 2**20
 
 
 def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher: Teacher, members: int,
@@ -462,14 +465,16 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
     mode = cfg.kd.get("cache_teacher", "auto")
     identity = teacher_output_identity(cfg, teacher, datamodule.fingerprint(), members,
                                        list(objective.teacher_features))
-    if predictions is not None:
-        _refuse_other_origin(predictions, identity, str(cfg.teacher.predictions))
+    if predictions is not None:  # full or top-k: the file says which, the run reads either
+        _refuse_other_origin(predictions, {k: v for k, v in identity.items() if k != "topk"},
+                             str(cfg.teacher.predictions))
         return predictions, {"source": "predictions", "path": str(predictions.path)}
     if mode is False or mode == "false":
         return None, {"source": "online", "reason": "kd.cache_teacher=false"}
-    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes))
+    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes), cfg.kd.get("cache_topk"))
     if megabytes > CACHE_MAX_MB and mode not in (True, "true"):
-        return None, {"source": "online", "reason": f"outputs too large to cache ({megabytes:.0f} MB > {CACHE_MAX_MB} MB)"}
+        return None, {"source": "online", "reason": f"outputs too large to cache ({megabytes:.0f} MB > "
+                                                    f"{CACHE_MAX_MB} MB; kd.cache_topk=8 stores a fraction)"}
     if datamodule.train_augmentation() is not None:
         if mode is True or mode == "true":
             raise ConfigError(f"kd.cache_teacher=true, but data={choice(cfg, 'data')} augments its training "
@@ -483,7 +488,8 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
         return compute_store(teacher.model, datamodule.eval_batches, identity)
 
     store, what = cached_store(Path(cfg.paths.cache_dir) / "teacher_outputs", identity, compute)
-    return store, {"source": "cache", "path": str(store.path), "computed": what == "computed"}
+    return store, {"source": "cache", "path": str(store.path), "computed": what == "computed",
+                   **({"topk": identity["topk"]} if identity.get("topk") else {})}
 
 
 # -- a student run -----------------------------------------------------------------

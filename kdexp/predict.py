@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kdexp train` (teacher=..., data=...)")
     p.add_argument("--out", type=Path, required=True, help="file to write, e.g. outputs/predictions/teacher.pt")
     p.add_argument("--force", action="store_true", help="replace an existing file (otherwise it is never overwritten)")
+    p.add_argument("--topk", type=int, default=None,
+                   help="keep each position's K largest logits and the log-sum-exp of the rest (language models)")
     return p
 
 
@@ -77,20 +79,23 @@ def main(argv: list[str]) -> int:
     if datamodule.train_augmentation() is not None:
         log.warning("data augments its training inputs at random; these predictions are on un-augmented inputs, "
                     "and student runs with this data will refuse them.")
-    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes))
+    if args.topk is not None and args.topk < 1:
+        raise ConfigError(f"--topk must be >= 1, got {args.topk}.")
+    megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes), args.topk)
     if megabytes > CACHE_MAX_MB and not args.force:
-        raise ConfigError(f"the teacher's full outputs on this data would take {megabytes:.0f} MB (over "
-                          f"{CACHE_MAX_MB} MB): a language model's logits at every position. Top-k saved "
-                          "predictions are not built yet; pass --force to write them all anyway.")
+        raise ConfigError(f"the teacher's outputs on this data would take {megabytes:.0f} MB (over {CACHE_MAX_MB} MB): "
+                          "a language model's logits at every position. Pass --topk 8 to keep each position's 8 "
+                          "largest logits and the rest's total, or --force to write them all anyway.")
     teacher, members = get_teachers(cfg, datamodule)
     objective = instantiate(objective_node(cfg), what="kd")
-    identity = teacher_output_identity(cfg, teacher, datamodule.fingerprint(), len(members),
-                                       list(objective.teacher_features))
+    identity = {**teacher_output_identity(cfg, teacher, datamodule.fingerprint(), len(members),
+                                          list(objective.teacher_features)), "topk": args.topk}
     store = compute_store(teacher.model, datamodule.eval_batches, identity)
     save_store(out, store, "teacher predictions file")
     rows = ", ".join(f"{name} {len(s.logits)}" for name, s in store.splits.items())
     size_mb = out.stat().st_size / 2**20
-    print(f"Wrote {out} ({size_mb:.2f} MB): teacher {teacher.weights_hash} (test acc {100 * teacher.test_acc:.2f} %), "
+    positions = sum(s.logits.shape[0] * (s.logits[0].numel() // s.logits.shape[-1]) for s in store.splits.values())
+    print(f"Wrote {out} ({size_mb:.2f} MB, {out.stat().st_size / positions:.1f} bytes per position): teacher {teacher.weights_hash} (test acc {100 * teacher.test_acc:.2f} %), "
           f"data {identity['data_fingerprint']}, rows {rows}, layers {identity['teacher_layers'] or 'none'}, "
           f"in {store.manifest['seconds']:.2f} s.\nUse it with: kdexp train teacher.predictions={out} "
           + " ".join(args.overrides))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +47,8 @@ VERSION = 1
 SPLITS = ("train", "val", "test")
 CACHE_FILE = "outputs.pt"
 # Manifest fields two files must share to hold the same teacher's outputs on the same inputs.
-IDENTITY_FIELDS = ("teacher_hash", "data_fingerprint", "data_transform", "teacher_layers", "members", "teacher_dtype")
+IDENTITY_FIELDS = ("teacher_hash", "data_fingerprint", "data_transform", "teacher_layers", "members", "teacher_dtype",
+                   "topk")
 
 
 def as_teacher_input(teacher: nn.Module, x: Tensor) -> Tensor:
@@ -61,14 +63,21 @@ def as_teacher_input(teacher: nn.Module, x: Tensor) -> Tensor:
 class SplitOutputs:
     """One split's teacher outputs, row ``i`` for sample ``i`` of the split."""
 
-    logits: Tensor  # (N, C)
+    logits: Tensor  # (N, C); or (N, ..., k): the k largest logits when topk_indices is set
     features: dict[str, Tensor] = field(default_factory=dict)  # path → (N, ...)
     members: Tensor | None = None  # (N, K, C) for a teacher ensemble
+    # Top-k storage (language models): which classes ``logits`` holds, and the log of the summed
+    # exp-logits of all the others, so every probability outside the top k is known in total.
+    topk_indices: Tensor | None = None  # (N, ..., k) int32
+    rest_lse: Tensor | None = None  # (N, ...)
+    vocab: int = 0  # the number of classes a dense row has
 
     def tensors(self) -> dict[str, Tensor]:
         named = {"logits": self.logits, **{f"features/{k}": v for k, v in sorted(self.features.items())}}
         if self.members is not None:
             named["members"] = self.members
+        if self.topk_indices is not None:
+            named["topk_indices"], named["rest_lse"] = self.topk_indices, self.rest_lse
         return named
 
     def checksum(self) -> str:
@@ -80,12 +89,27 @@ class SplitOutputs:
         return digest.hexdigest()
 
     def to(self, device: torch.device) -> SplitOutputs:
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(device) if t is not None else None
+
         return SplitOutputs(self.logits.to(device), {k: v.to(device) for k, v in self.features.items()},
-                            self.members.to(device) if self.members is not None else None)
+                            move(self.members), move(self.topk_indices), move(self.rest_lse), self.vocab)
 
     def take(self, index: Tensor) -> ModelOutputs:
         members = list(self.members[index].unbind(1)) if self.members is not None else None  # K × (B, C)
-        return ModelOutputs(self.logits[index], {k: v[index] for k, v in self.features.items()}, members)
+        return ModelOutputs(self.dense_logits(index), {k: v[index] for k, v in self.features.items()}, members)
+
+    def dense_logits(self, index: Tensor) -> Tensor:
+        """Rows ``index`` as full logits. From top-k storage: the k stored logits as they were, and the
+        remaining mass spread evenly over the other classes, so at T = 1 every top-k probability and
+        the total probability of the rest are exact (only how the rest is shared is lost)."""
+        if self.topk_indices is None:
+            return self.logits[index]
+        values, indices = self.logits[index], self.topk_indices[index].long()  # (B, ..., k)
+        k = values.shape[-1]
+        fill = (self.rest_lse[index] - math.log(max(self.vocab - k, 1))).unsqueeze(-1)  # (B, ..., 1)
+        dense = fill.expand(*values.shape[:-1], self.vocab).clone()
+        return dense.scatter_(-1, indices, values)
 
 
 class TeacherOutputStore:
@@ -116,12 +140,17 @@ class TeacherOutputStore:
 
 # -- computing ----------------------------------------------------------------------
 @torch.no_grad()
-def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str] = ()) -> SplitOutputs:
-    """Run the frozen ``teacher`` over unshuffled ``(x, y, index)`` batches; rows in sample order."""
+def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str] = (),
+                  topk: int | None = None) -> SplitOutputs:
+    """Run the frozen ``teacher`` over unshuffled ``(x, y, index)`` batches; rows in sample order.
+
+    ``topk``: keep only each row's k largest logits and the log-sum-exp of the rest.
+    """
     modes = {module: module.training for module in teacher.modules()}  # restored exactly, submodules included
     teacher.eval()
     hooks = FeatureHooks(teacher, list(teacher_layers)) if teacher_layers else None
     logits, members, features = [], [], {name: [] for name in teacher_layers}
+    indices, rests, vocab = [], [], 0
     try:
         for x, _, index in batches:
             x = as_teacher_input(teacher, x)
@@ -129,6 +158,13 @@ def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str
                 member_logits = teacher.member_logits(x)
                 logits.append(average_probability_logits(member_logits).float())
                 members.append(torch.stack(member_logits, dim=1).float())  # (B, K, C)
+            elif topk:
+                z = teacher(x).float()
+                vocab = z.shape[-1]
+                values, top = z.topk(min(topk, vocab), dim=-1)
+                logits.append(values)
+                indices.append(top.int())
+                rests.append(z.scatter(-1, top, float("-inf")).logsumexp(-1))
             else:
                 logits.append(teacher(x).float())
             for name, value in (hooks.pop() if hooks else {}).items():
@@ -141,19 +177,21 @@ def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str
         for module, training in modes.items():
             module.training = training
     return SplitOutputs(torch.cat(logits).cpu(), {k: torch.cat(v).cpu() for k, v in features.items()},
-                        torch.cat(members).cpu() if members else None)
+                        torch.cat(members).cpu() if members else None,
+                        torch.cat(indices).cpu() if indices else None, torch.cat(rests).cpu() if rests else None, vocab)
 
 
 def compute_store(teacher: nn.Module, batches_for: Callable[[str], Any], identity: Mapping[str, Any],
                   splits: Sequence[str] = SPLITS) -> TeacherOutputStore:
     """The teacher's outputs on every split, with a manifest holding ``identity`` and the checksums."""
     started = time.perf_counter()
-    outputs = {split: compute_split(teacher, batches_for(split), identity.get("teacher_layers") or ())
-               for split in splits}
+    outputs = {split: compute_split(teacher, batches_for(split), identity.get("teacher_layers") or (),
+                                    identity.get("topk")) for split in splits}
     manifest = {
         **identity,
         "format": FORMAT, "version": VERSION,
-        "splits": {name: {"rows": len(s.logits), "checksum": s.checksum()} for name, s in outputs.items()},
+        "splits": {name: {"rows": len(s.logits), "checksum": s.checksum(), "vocab": s.vocab}
+                   for name, s in outputs.items()},
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - started, 3),
@@ -168,7 +206,9 @@ def save_store(path: str | Path, store: TeacherOutputStore, what: str = "teacher
         "format": FORMAT,
         "manifest_json": json.dumps(store.manifest, sort_keys=True, default=str),
         "splits": {name: {"logits": s.logits, "features": dict(s.features),
-                          **({"members": s.members} if s.members is not None else {})}
+                          **({"members": s.members} if s.members is not None else {}),
+                          **({"topk_indices": s.topk_indices, "rest_lse": s.rest_lse}
+                             if s.topk_indices is not None else {})}
                    for name, s in store.splits.items()},
     }
     return atomic_torch_save(path, blob, what=what)
@@ -196,7 +236,9 @@ def read_store(path: str | Path, what: str = "teacher outputs file") -> TeacherO
                                   "or the teacher-output cache).")
     try:
         manifest = json.loads(blob["manifest_json"])
-        splits = {name: SplitOutputs(entry["logits"], dict(entry.get("features") or {}), entry.get("members"))
+        splits = {name: SplitOutputs(entry["logits"], dict(entry.get("features") or {}), entry.get("members"),
+                                     entry.get("topk_indices"), entry.get("rest_lse"),
+                                     int(((manifest.get("splits") or {}).get(name) or {}).get("vocab") or 0))
                   for name, entry in blob["splits"].items()}
     except (KeyError, TypeError, ValueError) as err:
         raise DamagedOutputsError(f"{what} {path} is damaged: {type(err).__name__}: {err}") from None

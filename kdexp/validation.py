@@ -90,6 +90,7 @@ RANGES: tuple[Range, ...] = (
     Range("kd.temperature", float, 0, low_open=True, example="kd.temperature=4"),
     Range("kd.alpha", float, 0, 1, example="kd.alpha=0.9"),
     Range("kd.label_smoothing", float, 0, 1, high_open=True),
+    Range("kd.cache_topk", int, 1, nullable=True, example="kd.cache_topk=8"),
     Range("optimizer.lr", float, 0, low_open=True, example="optimizer.lr=0.003"),
     Range("optimizer.weight_decay", float, 0),
     Range("optimizer.momentum", float, 0, 1),

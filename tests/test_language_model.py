@@ -123,3 +123,41 @@ def test_a_bf16_teacher_is_held_in_bf16_and_gives_float32_outputs_close_to_float
     record = run(compose_config([*SMALL, "trainer.max_epochs=1", "teacher.dtype=bfloat16",
                                  f"paths.output_dir={tmp_path / 'bf16'}"], tmp_path))
     assert record["status"] == "finished" and record["config"]["teacher"]["dtype"] == "bfloat16"
+
+
+def test_top_k_outputs_keep_each_top_probability_and_the_rest_mass_exactly():
+    from kdexp.teacher_outputs import compute_split
+
+    torch.manual_seed(0)
+    teacher = TinyGPT([16], 256, width=32, depth=1).eval()
+    x = torch.randint(0, 256, (6, 16))
+    batches = [(x, x, torch.arange(6))]
+    full, top = compute_split(teacher, batches), compute_split(teacher, batches, topk=8)
+    assert top.logits.shape == (6, 16, 8) and top.topk_indices.dtype == torch.int32 and top.vocab == 256
+    p_full = full.take(torch.arange(6)).logits.softmax(-1)
+    p_top = top.take(torch.arange(6)).logits.softmax(-1)
+    idx = top.topk_indices.long()
+    assert torch.allclose(p_top.gather(-1, idx), p_full.gather(-1, idx), atol=1e-6)  # each top-k probability
+    rest = 1 - p_full.gather(-1, idx).sum(-1)
+    assert torch.allclose(1 - p_top.gather(-1, idx).sum(-1), rest, atol=1e-5)  # the remaining mass in total
+    everything = compute_split(teacher, batches, topk=256).take(torch.arange(6)).logits
+    assert torch.allclose(everything, full.take(torch.arange(6)).logits, atol=1e-5)  # k = V is the full row
+
+
+def test_saved_top_k_predictions_feed_a_student_run(tmp_path, capsys):
+    from kdexp.cli import main as cli_main
+    from kdexp.teacher_outputs import read_store
+
+    out = tmp_path / "lm-top8.pt"
+    compose_config([], tmp_path)
+    assert cli_main(["predict", "--out", str(out), "--topk", "8", *SMALL, f"paths.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert "bytes per position" in capsys.readouterr().out
+    store = read_store(out)
+    assert store.manifest["topk"] == 8 and store.splits["train"].logits.shape[-1] == 8
+    record = run(compose_config([*SMALL, "trainer.max_epochs=1", f"teacher.predictions={out}",
+                                 f"paths.output_dir={tmp_path / 'student'}"], tmp_path))
+    assert record["status"] == "finished" and record["teacher_outputs"]["source"] == "predictions"
+    cached = run(compose_config([*SMALL, "trainer.max_epochs=1", "kd.cache_topk=8",
+                                 f"paths.output_dir={tmp_path / 'cached'}"], tmp_path))
+    assert cached["teacher_outputs"]["topk"] == 8
+    assert cached["metrics"]["test/acc"] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
