@@ -607,3 +607,33 @@ def test_default_axes_are_the_objectives_own_knobs(tmp_path, capsys):
     assert header == ["student.width", "kd.beta", "kd.temperature=4"]
     assert set(rows) - {("teacher", "")} == {(str(w), b) for w in WIDTHS for b in ("1", "8")}
     assert "kd=dkd" in out
+
+
+def test_a_setting_set_to_null_is_a_column_of_its_own_not_an_absent_axis(tmp_path, capsys):
+    """data.transfer_set: null (plain KD) vs generated: each KD cell stays in its column, and the CE-only
+    run (which can have no transfer set) is the reference row of both columns, never a KD cell."""
+    values = {}
+    for seed in (1, 2):
+        for setting, gain in ((None, 0.0), ("generated", 0.2)):
+            folder = tmp_path / f"kd-{setting}-{seed}"
+            record = make_record(folder, width=128, seed=seed, temperature=4.0, alpha=0.9,
+                                 acc=0.6 + gain + 0.01 * seed)
+            record["config"]["data"]["transfer_set"] = setting
+            write_record(folder, record)
+            values[(setting, seed)] = record["metrics"]["test/acc"]
+        ce = make_record(tmp_path / f"ce-{seed}", width=128, seed=seed, acc=0.55 + 0.01 * seed)
+        ce["config"]["data"]["transfer_set"] = None
+        write_record(tmp_path / f"ce-{seed}", ce)
+    code, out, _ = run_report([str(tmp_path), "--rows", "student.width", "--cols", "data.transfer_set"], capsys)
+    assert code == 0
+    header, rows = md_rows(out)
+    assert header[1:] == ["data.transfer_set=generated", "data.transfer_set=null"]
+    generated = 100 * np.mean([values[("generated", s)] for s in (1, 2)])
+    plain = 100 * np.mean([values[(None, s)] for s in (1, 2)])
+    assert rows[("128",)][0].startswith(f"**{generated:.2f}") and rows[("128",)][1].startswith(f"{plain:.2f}")
+    assert rows[("128 (CE only)",)] == ["56.50 ± 0.71 (n=2)", ""]  # spans the columns
+    code, out, _ = run_report([str(tmp_path), "--rows", "student.width", "--cols", "data.transfer_set", "--paired"],
+                              capsys)
+    _, rows = md_rows(out)
+    gain = 100 * np.mean([values[("generated", s)] - (0.55 + 0.01 * s) for s in (1, 2)])
+    assert rows[("128",)][0].startswith(f"**+{gain:.2f}")  # paired with the CE-only run of the same seed

@@ -91,8 +91,15 @@ def layout(table: Table) -> Grid:
                      key=lambda t: tuple(sort_key(v) for v in t)) or [()]
     # A CE-only cell that has every row axis (e.g. --rows student.width --cols kd) shares the KD row.
     row_key = cells.apply(lambda c: _col_key(c, rows), axis=1)
-    kd_rows = set(row_key[cells["_kind"].eq("distill")])
-    row_kind = cells["_kind"].where(~(cells["_kind"].eq("baseline") & row_key.isin(kd_rows)), "distill")
+    col_key = cells.apply(lambda c: _col_key(c, cols), axis=1)
+    distill = cells["_kind"].eq("distill")
+    kd_rows = set(row_key[distill])
+    kd_cells = set(zip(row_key[distill], col_key[distill]))
+    # ... unless a KD cell already sits in its column (a shared setting, e.g. data.transfer_set=null): own row then.
+    # A CE-only cell that spans every column (its run has none of the column settings) keeps its own row too.
+    shares = pd.Series([rk in kd_rows and (rk, ck) not in kd_cells for rk, ck in zip(row_key, col_key)],
+                       index=cells.index) & ~spans
+    row_kind = cells["_kind"].where(~(cells["_kind"].eq("baseline") & shares), "distill")
     row_ids = cells.assign(_row_kind=row_kind).groupby(["_row_kind", *rows], dropna=False, sort=False).ngroup()
     grid_rows = []
     for _, group in cells.groupby(row_ids, sort=True):

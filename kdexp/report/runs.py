@@ -18,6 +18,8 @@ from kdexp.report.errors import ReportError
 from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
 from kdexp.vocabulary import TEACHER_TEST_ACC, flatten_config
 
+NULL = "null"  # a setting a run has, set to null, on a table axis (absent settings stay NaN)
+
 # Record fields (not config) a table may key on.
 RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
 # Teacher runs (the cache) and earlier reports are not students: they never enter a cell.
@@ -88,9 +90,14 @@ def objective_knobs(runs: pd.DataFrame) -> list[str]:
     return knobs
 
 
+# Settings that only distillation has: a transfer set is learnt from the teacher alone, so a
+# CE-only run never has one (its null there is not a setting of its own).
+KD_ONLY_DATA_KEYS = ("data.transfer_set", "data.transfer_size", "data.transfer_seed")
+
+
 def is_kd_scoped(path: str) -> bool:
-    """Settings of the KD objective: a CE-only baseline has none of them."""
-    return path == "kd" or path.startswith("kd.") or path == "choices.kd"
+    """Settings of the KD objective (or only meaningful with one): a CE-only baseline has none of them."""
+    return path == "kd" or path.startswith("kd.") or path == "choices.kd" or path in KD_ONLY_DATA_KEYS
 
 
 def is_teacher_side(path: str) -> bool:
@@ -103,12 +110,18 @@ def is_choice_axis(runs: pd.DataFrame, path: str) -> bool:
     return "." not in path and bool(runs["_choices"].map(lambda c: path in c).any())
 
 
-def axis_values(runs: pd.DataFrame, path: str) -> pd.Series:
-    """Each run's value at ``path``: a group's chosen option, a record field, or a dotted config path."""
+def axis_values(runs: pd.DataFrame, path: str, explicit_null: bool = False) -> pd.Series:
+    """Each run's value at ``path``: a group's chosen option, a record field, or a dotted config path.
+
+    ``explicit_null``: a setting the run has, with the value null (``data.transfer_set: null``),
+    is :data:`NULL` (a value of its own on a table axis) rather than absent.
+    """
     if is_choice_axis(runs, path):
         values = runs["_choices"].map(lambda c: c.get(path))
     elif path in RECORD_FIELDS:
         values = runs[f"_{path}"]
+    elif explicit_null:
+        values = runs["_config"].map(lambda c: NULL if path in c and c[path] is None else c.get(path))
     else:
         values = runs["_config"].map(lambda c: c.get(path))
     # one null marker (NaN) for absent settings, so pandas groups and merges them alike
@@ -144,7 +157,13 @@ def with_axes(runs: pd.DataFrame, axes: Sequence[str], known: set[str]) -> pd.Da
     """``runs`` with one column per axis, named by its path (each checked against ``known``)."""
     for axis in axes:
         check_path(known, axis, "axis")
-    return runs.assign(**{axis: axis_values(runs, axis) for axis in axes})
+    def values(axis: str) -> pd.Series:
+        found = axis_values(runs, axis, explicit_null=True)
+        if axis in KD_ONLY_DATA_KEYS and "_kind" in runs:  # the CE-only reference belongs to every KD column
+            found = found.where(runs["_kind"].ne("baseline"), np.nan)
+        return found
+
+    return runs.assign(**{axis: values(axis) for axis in axes})
 
 
 def apply_where(runs: pd.DataFrame, clauses: Sequence[tuple[str, str]], known: set[str]) -> pd.DataFrame:
