@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from filelock import FileLock
@@ -87,27 +87,35 @@ def _extract_state_dict(blob: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-# What a checkpoint is loaded as: (what it is, which model, how to fix a missing one, how a mismatched one).
-TEACHER_FILE_ROLE = ("teacher checkpoint", "teacher",
+class CheckpointRole(NamedTuple):
+    """What a checkpoint is loaded as, for the messages that explain a missing or mismatched file."""
+
+    what: str  # "teacher checkpoint"
+    model: str  # which model it loads into: "teacher" or "student"
+    fix_missing: str
+    fix_mismatch: str
+
+
+TEACHER_FILE_ROLE = CheckpointRole("teacher checkpoint", "teacher",
                      "Fix teacher.checkpoint, or set teacher.checkpoint=null to train the teacher once and cache it",
                      "Check teacher=<arch> and teacher.model.width against the checkpoint")
-INIT_FILE_ROLE = ("init_from checkpoint", "student",
+INIT_FILE_ROLE = CheckpointRole("init_from checkpoint", "student",
                   "Fix init_from: it names the checkpoint the student starts from (a run's checkpoints/best.ckpt)",
                   "Check student=<arch> and student.width against the run that wrote it")
 
 
-def read_checkpoint(path: str | Path, role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> Any:
+def read_checkpoint(path: str | Path, role: CheckpointRole = TEACHER_FILE_ROLE) -> Any:
     """The unpickled contents of a checkpoint, or a clear error when there is none."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{role[0]} not found: {path.resolve()}. {role[2]}.")
-    return load_weights(path, what=role[0])
+        raise CheckpointError(f"{role.what} not found: {path.resolve()}. {role.fix_missing}.")
+    return load_weights(path, what=role.what)
 
 
 def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes: int,
-                     role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> nn.Module:
+                     role: CheckpointRole = TEACHER_FILE_ROLE) -> nn.Module:
     """Load the weights in ``blob`` (read from ``path``) into ``model`` or explain why they do not fit."""
-    what, which, _, check = role
+    what, which, check = role.what, role.model, role.fix_mismatch
     try:
         state = _extract_state_dict(blob)
     except CheckpointError as err:
@@ -130,7 +138,7 @@ def apply_checkpoint(model: nn.Module, blob: Any, path: str | Path, num_classes:
 
 
 def load_teacher_weights(model: nn.Module, path: str | Path, num_classes: int,
-                         role: tuple[str, str, str, str] = TEACHER_FILE_ROLE) -> nn.Module:
+                         role: CheckpointRole = TEACHER_FILE_ROLE) -> nn.Module:
     """Load ``path`` into ``model`` or explain why it does not fit."""
     return apply_checkpoint(model, read_checkpoint(path, role), path, num_classes, role)
 

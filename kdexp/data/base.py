@@ -138,6 +138,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.input_dtype = input_dtype
         self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}
+        self._fingerprint: str | None = None
 
     # -- to implement -------------------------------------------------------
     def load_raw(self) -> RawData:
@@ -251,7 +252,13 @@ class InMemoryDataModule(pl.LightningDataModule):
         return IndexBatches(s.x, s.y, self.eval_batch_size, transform=self.batch_transform)
 
     def fingerprint(self) -> str:
-        """A short hash of every split's inputs and labels: equal hash, equal data."""
+        """A short hash of every split's inputs and labels: equal hash, equal data.
+
+        Computed once: the splits never change after setup, and a run asks for it several
+        times (its record, the resume guard, the teacher-outputs identity).
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         self.setup()
         digest = hashlib.sha256()
         for name in ("train", "val", "test"):
@@ -259,4 +266,5 @@ class InMemoryDataModule(pl.LightningDataModule):
             digest.update(name.encode())
             digest.update(s.x.contiguous().numpy().tobytes())
             digest.update(s.y.numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint

@@ -68,10 +68,16 @@ class StdlibTextDataModule(InMemoryDataModule):
         if not files:
             raise ConfigError(f"no Python source files under {root} to build the text corpus from.")
         chunks: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
-        for path in files:
-            chunks[split_of(path.relative_to(root).as_posix(), self.val_percent, self.test_percent)].append(
-                path.read_bytes())
         limits = {"train": self.max_train_bytes, "val": self.max_eval_bytes, "test": self.max_eval_bytes}
+        joined = dict.fromkeys(chunks, -len(SEPARATOR))  # length of each split's text so far
+        for path in files:  # in a fixed order, so stopping once every split is full reads the same text
+            split = split_of(path.relative_to(root).as_posix(), self.val_percent, self.test_percent)
+            if joined[split] >= limits[split]:
+                if all(joined[name] >= limits[name] for name in joined):
+                    break
+                continue
+            chunks[split].append(path.read_bytes())
+            joined[split] += len(SEPARATOR) + len(chunks[split][-1])
         self.splits = {name: self._windows(SEPARATOR.join(parts)[:limits[name]], name) for name, parts in chunks.items()}
         self.labelled_train_size = len(self.splits["train"].x)
 

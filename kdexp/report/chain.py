@@ -24,11 +24,11 @@ CE_ONLY, DIRECT = "CE only", "direct"
 
 
 def route(record: Mapping[str, Any]) -> str:
-    """The record's route: ``CE only``, ``direct`` or ``via 64→32`` (from its teacher's lineage)."""
+    """The record's route: ``CE only``, or the ``route`` the run recorded from its teacher's lineage
+    (``direct``, ``via 64→32``); records from before chains existed were all direct."""
     if record.get("job_type") == "baseline":
         return CE_ONLY
-    steps = list(record.get("lineage") or [])[1:]
-    return "via " + "→".join(str(step.get("width")) for step in steps) if steps else DIRECT
+    return str(record.get("route") or DIRECT)
 
 
 def chain_frame(records: Sequence[Mapping[str, Any]], metric: str = TEST_ACC) -> pd.DataFrame:
