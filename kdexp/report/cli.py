@@ -117,7 +117,11 @@ def _run(args: argparse.Namespace) -> int:
     records, notes = load_sources(args.sources, group=args.group, filters=args.filter)
     if args.chain:
         from kdexp.report.chain import render_chain
+        from kdexp.report.runs import apply_where, known_paths, runs_frame
 
+        if spec.where:  # --where keeps the runs it matches (the CE-only runs stay, as in the other tables)
+            runs = runs_frame(records)
+            records = [records[i] for i in apply_where(runs, spec.where, known_paths(runs)).index]
         print(render_chain(records, args.metric), end="")
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
