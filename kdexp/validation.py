@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError, KdexpError
+from kdexp.tasks import task_of
 
 _UNSET = object()
 
@@ -292,7 +293,7 @@ def _check_forward(cfg: DictConfig, model: torch.nn.Module, group: str) -> None:
     shape = [int(d) for d in cfg.data.input_shape]
     num_classes = int(cfg.data.num_classes)
     dtype = getattr(torch, str(cfg.data.get("input_dtype") or "float32"))
-    expected = (2, *shape, num_classes) if _task(cfg) == "causal_lm" else (2, num_classes)
+    expected = task_of(cfg).logits_shape(2, shape, num_classes)
     try:
         with torch.no_grad():
             logits = model.eval()(torch.zeros(2, *shape, dtype=dtype))
@@ -307,13 +308,9 @@ def _check_forward(cfg: DictConfig, model: torch.nn.Module, group: str) -> None:
                           f"data={_choice(cfg, 'data')}, which needs {what}.")
 
 
-def _task(cfg: DictConfig) -> str:
-    return str(cfg.data.get("task") or "classification")
-
-
 def _check_task(cfg: DictConfig, objective: Any) -> None:
     """A language-model task needs an objective that reads (B, L, V) logits with a target per position."""
-    if _task(cfg) == "causal_lm" and not getattr(objective, "handles_sequences", False):
+    if task_of(cfg).per_position and not getattr(objective, "handles_sequences", False):
         raise ConfigError(f"data={_choice(cfg, 'data')} is a language-model task (logits per position), and "
                           f"kd={_choice(cfg, 'kd')} ({type(objective).__name__}) works on class logits. Use "
                           "kd=token_kd (token-level KD) or kd=none.")

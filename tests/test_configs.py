@@ -11,6 +11,7 @@ import torch
 from conftest import CONF_DIR, compose_config
 from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError
+from kdexp.tasks import task_of
 from kdexp.train import run
 
 # Options that compose with the MNIST-1D defaults as they are; every other data, teacher
@@ -46,7 +47,7 @@ def model_input(cfg, batch: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """A dummy batch of the data's inputs, and the logits' shape a fitting model gives for it."""
     shape = [int(d) for d in cfg.data.input_shape]
     x = torch.zeros(batch, *shape, dtype=getattr(torch, cfg.data.get("input_dtype", "float32")))
-    if cfg.data.get("task") == "causal_lm":
+    if task_of(cfg).per_position:
         return x, (batch, *shape, cfg.data.num_classes)
     return x, (batch, cfg.data.num_classes)
 

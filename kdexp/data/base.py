@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import ConfigError, require
+from kdexp.tasks import choose_task
 
 
 @dataclass
@@ -31,9 +32,6 @@ class RawData:
     x_test: np.ndarray
     y_test: np.ndarray
 
-
-# What a data set's targets are: one class per sample, or the next token at every position.
-TASKS = ("classification", "causal_lm")
 
 # Where unlabelled transfer inputs come from (data.transfer_set): none, or a generator's new samples.
 TRANSFER_SETS = (None, "generated")
@@ -99,6 +97,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     """
 
     name = "data"
+    supported_tasks: tuple[str, ...] = ("classification",)  # what its data can be framed as; the first is the default
 
     def __init__(
         self,
@@ -112,7 +111,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         transfer_set: str | None = None,
         transfer_size: int = 0,
         transfer_seed: int = 1,
-        task: str = "classification",
+        task: str | None = None,
         input_dtype: str = "float32",
     ) -> None:
         super().__init__()
@@ -133,8 +132,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.transfer_set = transfer_set
         self.transfer_size = int(transfer_size or 0)
         self.transfer_seed = transfer_seed
-        require(task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {task!r}.")
-        self.task = task  # classification: logits (B, C); causal_lm: logits (B, L, V), a target per position
+        self.task = choose_task(task, self.supported_tasks, self.name).name  # see kdexp.tasks
         self.input_dtype = input_dtype
         self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}

@@ -46,6 +46,7 @@ class StdlibTextDataModule(InMemoryDataModule):
     """Next-byte prediction on the standard library's source (see the module docstring)."""
 
     name = "stdlib_text"
+    supported_tasks = ("causal_lm",)
 
     def __init__(self, num_classes: int = 256, input_shape: Sequence[int] = (128,), max_train_bytes: int = 2_000_000,
                  max_eval_bytes: int = 200_000, val_percent: int = 5, test_percent: int = 5,

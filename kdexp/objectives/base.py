@@ -65,7 +65,7 @@ class DistillationObjective(nn.Module):
     # Trains on transfer-set inputs (target UNLABELLED): the teacher's outputs are their only signal,
     # and the hard-label terms skip them (see labelled_cross_entropy).
     handles_unlabelled: bool = False
-    # Reads sequence logits (B, L, V) with a target per position (data.task=causal_lm).
+    # Reads sequence logits (B, L, V) with a target per position (task=causal_lm).
     handles_sequences: bool = False
 
     def __init__(self, student_layers: Sequence[str] | None = None,
