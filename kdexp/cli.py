@@ -17,6 +17,7 @@ commands:
   report SOURCE... [options]  ablation table (mean ± std over seeds) and plots from run records or W&B
   bench  [overrides] [options] time CE / online KD / cached KD epochs against bare PyTorch loops, and whole runs
   predict --out FILE [overrides]  run the teacher once over the data; student runs read it (teacher.predictions=FILE)
+  export RUN --out DIR        a finished student=hf run's student as a Hugging Face model directory
 """
 
 
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdexp import predict
 
             return predict.main(rest)
+        if command == "export":
+            from kdexp import export
+
+            return export.main(rest)
         if command == "report":
             from kdexp.report.cli import main as report_main
 

@@ -25,12 +25,21 @@ def best_gpu_precision() -> str:
     return "16-mixed"
 
 
+def resolved_task(*, _root_: DictConfig) -> str:
+    """``${kdexp.task:}``: the run's task name (``task=auto`` resolved by the data set), for model configs."""
+    from kdexp.tasks import task_of
+
+    return task_of(_root_).name
+
+
 def register_resolvers() -> None:
-    """Register ``${kdexp.interactive:}`` and ``${kdexp.gpu_precision:}`` (idempotent)."""
+    """Register ``${kdexp.interactive:}``, ``${kdexp.gpu_precision:}`` and ``${kdexp.task:}`` (idempotent)."""
     if not OmegaConf.has_resolver("kdexp.interactive"):
         OmegaConf.register_new_resolver("kdexp.interactive", is_interactive)
     if not OmegaConf.has_resolver("kdexp.gpu_precision"):
         OmegaConf.register_new_resolver("kdexp.gpu_precision", best_gpu_precision)
+    if not OmegaConf.has_resolver("kdexp.task"):
+        OmegaConf.register_new_resolver("kdexp.task", resolved_task)
 
 
 def to_plain(cfg: DictConfig | None) -> Any:

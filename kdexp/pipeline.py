@@ -36,6 +36,7 @@ from kdexp.objectives.base import UNLABELLED, DistillationObjective
 from kdexp.records import RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
+from kdexp.tasks import AUTO, task_of
 from kdexp.teacher import INIT_FILE_ROLE, Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
 from kdexp.teacher_outputs import TeacherOutputStore, cached_store, compute_store, identity_mismatch, read_store
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
@@ -232,11 +233,23 @@ def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
 
 
 # -- the teacher -------------------------------------------------------------------
-def root_teacher_key(cfg: DictConfig) -> str:
-    """The cache key of the run's (root) teacher: its recipe, data and trainer settings."""
+def trained_teacher_key(cfg: DictConfig) -> str:
+    """The cache key of a teacher trained here: its recipe (with the weights it starts from when it
+    fine-tunes a pretrained model), the data and the trainer settings."""
     # num_threads changes summation order, hence the trained weights: part of the key.
     trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
-    key = teacher_cache_key(to_plain(cfg.teacher), to_plain(cfg.data), trainer_settings)
+    recipe = to_plain(cfg.teacher)
+    pretrained = cfg.teacher.model.get("pretrained")
+    if pretrained:  # a pretrained model replaced in place is another starting point
+        from kdexp.models.hf import pretrained_identity
+
+        recipe["pretrained_weights"] = pretrained_identity(str(pretrained), cfg.teacher.model.get("revision"))
+    return teacher_cache_key(recipe, to_plain(cfg.data), trainer_settings)
+
+
+def root_teacher_key(cfg: DictConfig) -> str:
+    """The cache key of the run's (root) teacher: its recipe, data and trainer settings."""
+    key = trained_teacher_key(cfg)
     checkpoint = cfg.teacher.get("checkpoint")
     return hashlib.sha256(f"{key}:{checkpoint}".encode()).hexdigest()[:16] if checkpoint else key
 
@@ -270,11 +283,15 @@ def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
     def train(model: nn.Module, folder: Path) -> float:
         return train_teacher(cfg, model, folder)
 
-    trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
-    key = teacher_cache_key(to_plain(tcfg), to_plain(cfg.data), trainer_settings)
-    teacher = provision_teacher(build_model, tcfg.get("checkpoint"), num_classes,
-                                Path(cfg.paths.cache_dir) / "teachers", key, train=train, evaluate=evaluate)
-    recipe = "checkpoint" if tcfg.get("checkpoint") else "ce"
+    pretrained = tcfg.model.get("pretrained")
+    if pretrained and int(tcfg.max_epochs) == 0 and not tcfg.get("checkpoint"):  # used as it is: nothing to cache
+        model = build_model().eval()
+        teacher = Teacher(model, weights_hash(model), evaluate(model), "pretrained", str(pretrained))
+    else:
+        teacher = provision_teacher(build_model, tcfg.get("checkpoint"), num_classes,
+                                    Path(cfg.paths.cache_dir) / "teachers", trained_teacher_key(cfg),
+                                    train=train, evaluate=evaluate)
+    recipe = "checkpoint" if tcfg.get("checkpoint") else "pretrained" if teacher.source == "pretrained" else "ce"
     teacher.lineage = [lineage_entry(0, choice(cfg, "teacher"), tcfg.model.get("width"), recipe,
                                      teacher.weights_hash, teacher.test_acc, teacher.path)]
     return teacher
@@ -426,6 +443,17 @@ def read_predictions(cfg: DictConfig, datamodule: InMemoryDataModule) -> Teacher
     return store
 
 
+def teacher_of_predictions(cfg: DictConfig, store: TeacherOutputStore) -> Teacher:
+    """The teacher as a predictions file states it, never loaded (``teacher.load=false``: a teacher too
+    large to hold beside the student). Its hash and test accuracy are the file's, not re-measured."""
+    stated = store.manifest.get("teacher") or {}
+    teacher = Teacher(None, str(store.manifest.get("teacher_hash")), float(stated.get("test_acc") or 0.0),
+                      "predictions", str(store.path))
+    teacher.lineage = [lineage_entry(0, choice(cfg, "teacher"), (stated.get("model") or {}).get("width"),
+                                     "predictions", teacher.weights_hash, teacher.test_acc, teacher.path)]
+    return teacher
+
+
 def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], path: str) -> None:
     problems = identity_mismatch(store, expected)
     if problems:
@@ -493,18 +521,29 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
 
 
 # -- a student run -----------------------------------------------------------------
-def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool) -> None:
+def majority_share(targets: torch.Tensor) -> float:
+    """The accuracy of always predicting the most frequent labelled target (the next-token task's
+    most common byte, an imbalanced data set's largest class)."""
+    labelled = targets[targets != UNLABELLED]
+    return float(torch.bincount(labelled).max()) / max(len(labelled), 1) if len(labelled) else 0.0
+
+
+def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool, majority: float = 0.0) -> None:
     """Refuse to distil from a teacher that scores no better than guessing (an untrained or broken file).
 
+    Guessing is 1/C, or always answering the most frequent target (``majority``): a random
+    language model that happens to predict the space character everywhere is no teacher.
     A record must not call a run "distilled" when there was nothing to distil; a
     random-teacher control is still possible, on purpose, with ``+teacher.allow_untrained=true``.
     """
     chance = 1.0 / num_classes
-    if teacher.test_acc < 1.5 * chance and not allowed:
+    if teacher.test_acc < max(1.5 * chance, majority + 0.01) and not allowed:
         raise CheckpointError(
             f"the teacher ({teacher.source}: {teacher.path}) scores {100 * teacher.test_acc:.1f} % on the test set, "
-            f"no better than chance ({100 * chance:.1f} % for {num_classes} classes): it looks untrained or broken. "
-            "Check teacher.checkpoint, or pass +teacher.allow_untrained=true for a deliberate random-teacher control."
+            f"no better than chance ({100 * chance:.1f} % for {num_classes} classes; always answering the most "
+            f"frequent target scores {100 * majority:.1f} %): it looks untrained or broken. Check "
+            "teacher.checkpoint (or teacher.max_epochs), or pass +teacher.allow_untrained=true for a deliberate "
+            "random-teacher control."
         )
 
 
@@ -563,16 +602,20 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         fingerprint = datamodule.fingerprint()
     if resume_from is not None:
         same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
-    recorder.update(data_fingerprint=fingerprint, data_sizes={
+    recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes={
         "train_labelled": datamodule.labelled_train_size,
         "train_transfer": len(datamodule.splits["train"].x) - datamodule.labelled_train_size,
         "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)})
     predictions = read_predictions(cfg, datamodule)  # a file for other data is refused before a teacher is trained
 
     with recorder.timed("teacher"):
-        teacher, members = get_teachers(cfg, datamodule)
-    require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)))
-    if cfg.teacher.get("dtype"):  # e.g. bfloat16: half the memory of a large teacher (its test accuracy was measured
+        if predictions is not None and not cfg.teacher.get("load", True):
+            teacher, members = teacher_of_predictions(cfg, predictions), []
+        else:
+            teacher, members = get_teachers(cfg, datamodule)
+    require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)),
+                               majority_share(datamodule.splits["test"].y))
+    if cfg.teacher.get("dtype") and teacher.model is not None:  # e.g. bfloat16: half the memory of a large teacher (its test accuracy was measured
         teacher.model.to(getattr(torch, str(cfg.teacher.dtype)))  # in float32, the hash is of the trained weights)
     if members:
         recorder.update(teachers=[{"hash": m.weights_hash, "test_acc": m.test_acc, "source": m.source, "path": m.path,
@@ -580,7 +623,8 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     if resume_from is not None:
         same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
     recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
-                             "path": teacher.path, "cache_key": teacher.cache_key},
+                             "path": teacher.path, "cache_key": teacher.cache_key,
+                             "verified": teacher.model is not None},  # False: taken from a predictions file
                     lineage=teacher.lineage, stage=len(teacher.lineage), route=route_of(teacher.lineage))
 
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
@@ -598,7 +642,8 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     recorder.update(job_type=job_type, run_name=run_name, parameters=parameters, objective=identity,
                     **({"init_from": initial_weights} if initial_weights else {}))
     with recorder.timed("teacher_outputs"):
-        teacher_store, outputs_note = get_teacher_outputs(cfg, datamodule, teacher, len(members), objective,
+        member_count = len(members) if teacher.model is not None else int(predictions.manifest.get("members") or 0)
+        teacher_store, outputs_note = get_teacher_outputs(cfg, datamodule, teacher, member_count, objective,
                                                          predictions)
     recorder.update(teacher_outputs=outputs_note)
 
@@ -646,4 +691,6 @@ def with_runtime(cfg: DictConfig) -> DictConfig:
         hc = HydraConfig.get()
         cfg.choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
         cfg.overrides = list(hc.overrides.task)
+    if cfg.get("task", AUTO) == AUTO and "_target_" in cfg.get("data", {}):
+        cfg.task = task_of(cfg).name  # records and W&B state the task itself, not "auto"
     return cfg

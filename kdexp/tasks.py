@@ -61,7 +61,7 @@ def task_of(cfg: Any) -> Task:
     from hydra.utils import get_class
 
     data = cfg.data
-    requested = data.get("task", cfg.get("task", AUTO))
+    requested = cfg.get("task", AUTO)  # never data.task: that is ${kdexp.task:}, resolved from this
     try:
         supported = tuple(getattr(get_class(str(data._target_)), "supported_tasks", ("classification",)))
     except Exception:  # a data class that cannot be imported is reported where it is instantiated

@@ -32,7 +32,7 @@ TEACHER_FILE = "teacher.pt"
 _DATA_KEYS_NOT_IN_KEY = {"cache_dir", "data_dir", "download", "shuffle_seed", "eval_batch_size",
                          "transfer_set", "transfer_size", "transfer_seed"}
 # Teacher settings about how a run uses its teacher, not how the teacher is trained.
-_TEACHER_KEYS_NOT_IN_KEY = {"checkpoint", "predictions", "allow_untrained", "dtype"}
+_TEACHER_KEYS_NOT_IN_KEY = {"checkpoint", "predictions", "allow_untrained", "dtype", "load"}
 # Trainer settings that only change what is displayed; everything else (limits,
 # precision, clipping, devices) is part of the key. The teacher has its own max_epochs.
 _TRAINER_KEYS_NOT_IN_KEY = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps",
@@ -43,10 +43,10 @@ _TRAINER_KEYS_NOT_IN_KEY = {"enable_progress_bar", "enable_model_summary", "log_
 class Teacher:
     """A ready, frozen teacher and what identifies it."""
 
-    model: nn.Module
+    model: nn.Module | None  # None: never loaded, its outputs come from a predictions file
     weights_hash: str
     test_acc: float
-    source: str  # "checkpoint" | "cache" | "trained"
+    source: str  # "checkpoint" | "cache" | "trained" | "pretrained" | "predictions"
     path: str
     cache_key: str | None = None
     lineage: list[dict[str, Any]] = field(default_factory=list)  # root teacher first (see kdexp.chain)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.config import instantiate, objective_node
 from kdexp.errors import ConfigError, KdexpError
+from kdexp.models.features import tap_points
 from kdexp.tasks import task_of
 
 _UNSET = object()
@@ -85,7 +87,7 @@ RANGES: tuple[Range, ...] = (
     Range("student.depth", int, 1, example="student.depth=2"),
     Range("teacher.model.width", int, 1),
     Range("teacher.model.depth", int, 1),
-    Range("teacher.max_epochs", int, 1, example="teacher.max_epochs=160"),
+    Range("teacher.max_epochs", int, 0, example="teacher.max_epochs=160"),
     Range("teacher.seed", int, 0, MAX_SEED),
     Range("teacher.optimizer.lr", float, 0, low_open=True),
     Range("kd.temperature", float, 0, low_open=True, example="kd.temperature=4"),
@@ -169,7 +171,7 @@ def _build(cfg: DictConfig, node: DictConfig, group: str, label: str) -> Any:
 
 
 def _check_taps(model: torch.nn.Module, paths: tuple[str, ...], group: str, cfg: DictConfig) -> None:
-    names = {name for name, _ in model.named_modules() if name}
+    names = tap_points(model)
     for path in paths:
         if path not in names:
             raise ConfigError(
@@ -186,19 +188,60 @@ def validate_config(cfg: DictConfig) -> None:
                           + "\n  ".join(problems))
     # Build each part once, on the CPU, to prove the parts fit together. These throwaway
     # instances use the global RNG; the run reseeds before building the real ones.
+    _check_teacher_source(cfg)
     with torch.random.fork_rng(devices=[]):
-        teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model")
+        # Not built when it is never loaded (teacher.load=false): it may not fit in memory.
+        teacher = _build(cfg, cfg.teacher.model, "teacher", "teacher.model") if cfg.teacher.get("load", True) else None
         student = _build(cfg, cfg.student, "student", "student")
         objective = instantiate(objective_node(cfg), what="kd")  # its own errors name its keys; it does not "fit" data
     _check_task(cfg, objective)
     _check_schedules(cfg, objective)
     _check_taps(student, tuple(getattr(objective, "student_features", ()) or ()), "student", cfg)
-    _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
-    _check_forward(cfg, teacher, "teacher")
+    if teacher is not None:
+        _check_taps(teacher, tuple(getattr(objective, "teacher_features", ()) or ()), "teacher", cfg)
+        _check_forward(cfg, teacher, "teacher")
+    _check_tokenizers(cfg)
     _check_forward(cfg, student, "student")
     _check_extra_teachers(cfg, objective)
     _check_chain(cfg, objective)
     _check_transfer_set(cfg, objective)
+
+
+def _check_teacher_source(cfg: DictConfig) -> None:
+    """``teacher.max_epochs=0`` uses a pretrained model as it is; ``teacher.load=false`` reads only predictions."""
+    tcfg = cfg.teacher
+    if int(tcfg.get("max_epochs", 1)) == 0 and not (tcfg.model.get("pretrained") or tcfg.get("checkpoint")):
+        raise ConfigError("teacher.max_epochs=0 means \"use the teacher as it is\", which needs a pretrained model "
+                          "(teacher.model.pretrained=...) or teacher.checkpoint=...; a model built from scratch "
+                          "is random. Set teacher.max_epochs >= 1 to train it.")
+    if not tcfg.get("load", True) and not tcfg.get("predictions"):
+        raise ConfigError("teacher.load=false runs without the teacher, so its outputs must come from a file: set "
+                          "teacher.predictions=<file from `kdexp predict`>, or teacher.load=true.")
+
+
+def _check_tokenizers(cfg: DictConfig) -> None:
+    """Token-level KD compares distributions over one vocabulary: the data, the teacher and the
+    student must share a tokenizer. Mapping one vocabulary onto another (ULD, Boizard et al. 2024)
+    is out of scope, so a mismatch is refused before anything is trained."""
+    if not task_of(cfg).token_inputs:
+        return
+    nodes = {"teacher": cfg.teacher.model if cfg.teacher.get("load", True) else None, "student": cfg.student}
+    saved = {group: str(node.get("pretrained")) for group, node in nodes.items()
+             if node is not None and node.get("pretrained") and Path(str(node.get("pretrained"))).expanduser().is_dir()}
+    if not saved:  # models built here have no tokenizer of their own: they take the data's
+        return
+    from kdexp.data.tokenizer import load_tokenizer, model_dir_tokenizer_fingerprint
+
+    data_spec = cfg.data.get("tokenizer") or "bytes"
+    data_print = load_tokenizer(data_spec).fingerprint()
+    for group, pretrained in saved.items():
+        model_print = model_dir_tokenizer_fingerprint(Path(str(pretrained)).expanduser())
+        if model_print is not None and model_print != data_print:
+            raise ConfigError(
+                f"tokenizer mismatch: the {group} ({pretrained}) was saved with another tokenizer than the data's "
+                f"(data.tokenizer={data_spec}). Teacher and student logits must range over one vocabulary: "
+                f"tokenize the data with the {group}'s tokenizer (data.tokenizer={pretrained}) and give teacher "
+                "and student that same tokenizer. Mapping between vocabularies (e.g. ULD) is not supported.")
 
 
 def _check_transfer_set(cfg: DictConfig, objective: Any) -> None:

@@ -14,23 +14,32 @@ from torch.utils.hooks import RemovableHandle
 from kdexp.errors import ConfigError
 
 
+def tap_points(model: nn.Module) -> dict[str, str]:
+    """Every name a tap may use → the submodule path it hooks: the module paths themselves, plus
+    the model's ``tap_aliases`` (e.g. ``blocks.3`` for a Hugging Face model's fourth layer)."""
+    points = {name: name for name, _ in model.named_modules() if name}
+    points.update(getattr(model, "tap_aliases", None) or {})
+    return points
+
+
 class FeatureHooks:
     """Records the outputs of the named submodules on every forward pass."""
 
     def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
         self.features: dict[str, Tensor] = {}
         self._handles: list[RemovableHandle] = []
-        names = {name for name, _ in model.named_modules()}
+        points = tap_points(model)
         for path in paths:
-            if path not in names:
-                available = ", ".join(sorted(n for n in names if n)) or "(none)"
+            if path not in points:
+                available = ", ".join(sorted(points)) or "(none)"
                 raise ConfigError(f"no submodule '{path}' in {type(model).__name__}; available: {available}")
-            module = model.get_submodule(path)
+            module = model.get_submodule(points[path])
             self._handles.append(module.register_forward_hook(self._recorder(path)))
 
     def _recorder(self, path: str):
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-            self.features[path] = output
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> None:
+            # Some layers (Hugging Face's, in older releases) return (hidden states, extras...).
+            self.features[path] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
