@@ -13,6 +13,10 @@ alike), and prints (ii)/(i), (iii)/(i), (iii)/(iv) and (i)/(v). An epoch here is
 training batches only (the validation pass and checkpoint writes after it are not
 in the window), which is what the bare loops do too.
 
+``--outputs K`` times where a run's teacher outputs come from, for the configured data and
+objective (language models included): the teacher online, the full cached logits and a
+top-K cache, with the disk bytes per position of each file.
+
 ``--runs`` adds whole-run figures: ``kdexp train`` started as a fresh process (W&B
 offline), wall time from process start to exit, and the parts its record states
 (``timings_s``). ``--sweep`` adds a whole-sweep figure: a 12-run T × α grid of KD
@@ -46,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4, help="epochs per repeat; the first is warm-up (default 4)")
     p.add_argument("--runs", type=int, default=0, help="also time N whole `kdexp train` processes per width")
     p.add_argument("--sweep", action="store_true", help="also time a 12-run T x alpha grid vs 12 CE-only runs")
+    p.add_argument("--outputs", type=int, default=None, metavar="K",
+                   help="also time online vs full-cache vs top-K-cache epochs of the configured kd objective, "
+                        "with bytes per position (e.g. --outputs 8 experiment=stdlib_lm data.max_train_bytes=200000)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     return p
 
@@ -122,7 +129,8 @@ def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: i
 
     from kdexp.config import instantiate
     from kdexp.objectives import CrossEntropyOnly, HintonKD
-    from kdexp.pipeline import apply_num_threads, get_teacher, get_teacher_outputs
+    from kdexp.pipeline import apply_num_threads, get_teacher
+    from kdexp.teacher_source import get_teacher_outputs
     from kdexp.predict import compose
 
     cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
@@ -154,6 +162,54 @@ def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: i
                                 "(iii)/(iv) cached KD / bare KD": median["kd_cached"] / median["bare_kd_cached"],
                                 "(i)/(v) CE / bare CE": median["ce"] / median["bare_ce"]}})
     return rows
+
+
+def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, topk: int) -> dict[str, Any]:
+    """Epoch time of the configured objective with the teacher online, from full cached logits and from
+    a top-``topk`` cache (medians of interleaved repeats), and the disk bytes per position of each file."""
+    from kdexp.config import instantiate, objective_node
+    from kdexp.pipeline import apply_num_threads, get_teacher
+    from kdexp.teacher_source import teacher_output_identity
+    from kdexp.predict import compose
+    from kdexp.teacher_outputs import compute_store, read_store, save_store
+
+    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
+    apply_num_threads(cfg.get("num_threads"))
+    datamodule = instantiate(cfg.data, what="data")
+    datamodule.setup()
+    teacher = get_teacher(cfg, datamodule)
+    objective = lambda: instantiate(objective_node(cfg), what="kd")  # noqa: E731 (a fresh one per fit)
+    positions = sum(split.y.numel() for split in datamodule.splits.values())
+    stores, sizes = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, k in (("full", None), (f"top{topk}", topk)):
+            identity = {**teacher_output_identity(cfg, teacher, datamodule.fingerprint(), 0,
+                                                  list(objective().teacher_features)), "topk": k}
+            path = save_store(Path(folder) / f"{name}.pt", compute_store(teacher.model, datamodule.eval_batches, identity))
+            sizes[name] = path.stat().st_size
+            stores[name] = read_store(path)  # memory-mapped, as runs read it
+        variants = {"online": None, **stores}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, store in variants.items():
+                samples[name].extend(kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective(), width,
+                                                         epochs)[1:])
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    return {"width": width, "objective": objective().describe(), "positions": positions, "median_epoch_s": median,
+            "bytes_per_position": {name: size / positions for name, size in sizes.items()},
+            "file_mb": {name: size / 2**20 for name, size in sizes.items()},
+            "speed-up over online": {name: median["online"] / median[name] for name in stores}}
+
+
+def format_outputs(row: dict[str, Any]) -> str:
+    lines = ["| teacher outputs | epoch | speed-up over online | file | bytes per position |", "|---|---:|---:|---:|---:|"]
+    for name, seconds in row["median_epoch_s"].items():
+        if name == "online":
+            lines.append(f"| online | {seconds:.2f} s | 1.00× | – | – |")
+            continue
+        lines.append(f"| {name} cache | {seconds:.2f} s | {row['speed-up over online'][name]:.2f}× | "
+                     f"{row['file_mb'][name]:.1f} MB | {row['bytes_per_position'][name]:.0f} |")
+    return "\n".join(lines)
 
 
 # -- whole runs and sweeps -------------------------------------------------------------------
@@ -238,10 +294,19 @@ def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)  # the tables, not Lightning's per-fit banners
     results: dict[str, Any] = {"command": "kdexp bench " + " ".join(argv)}
-    print(f"Timing training epochs (widths {args.widths}, {args.repeats} interleaved repeats × "
-          f"{args.epochs - 1} epochs after warm-up) ...", file=sys.stderr)
-    results["epochs"] = epoch_table(args.overrides, args.widths, args.repeats, args.epochs)
-    print("\nMedian training-epoch time and ratios:\n" + format_epochs(results["epochs"]))
+    if args.outputs is not None:
+        if args.outputs < 1:
+            raise SystemExit("kdexp bench: --outputs K needs K >= 1.")
+        print(f"Timing epochs with the teacher online, from full cached outputs and from a top-{args.outputs} "
+              f"cache (width {args.widths[0]}, {args.repeats} interleaved repeats) ...", file=sys.stderr)
+        results["outputs"] = outputs_table(args.overrides, args.widths[0], args.repeats, args.epochs, args.outputs)
+        print(f"\nTeacher outputs ({results['outputs']['objective']}, {results['outputs']['positions']} positions; "
+              "median training-epoch time):\n" + format_outputs(results["outputs"]))
+    else:
+        print(f"Timing training epochs (widths {args.widths}, {args.repeats} interleaved repeats × "
+              f"{args.epochs - 1} epochs after warm-up) ...", file=sys.stderr)
+        results["epochs"] = epoch_table(args.overrides, args.widths, args.repeats, args.epochs)
+        print("\nMedian training-epoch time and ratios:\n" + format_epochs(results["epochs"]))
     if args.runs:
         print(f"\nTiming {args.runs} whole `kdexp train` process(es) per width and objective ...", file=sys.stderr)
         results["runs"] = whole_runs(args.overrides, args.widths, args.runs)

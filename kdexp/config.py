@@ -63,6 +63,15 @@ def objective_node(cfg: DictConfig) -> DictConfig:
     return node
 
 
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """Which option of each config group was composed (``{"kd": "hinton", ...}``)."""
+    return dict(cfg.get("choices") or {})
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    return str(choices(cfg).get(group, group))
+
+
 def instantiate(node: Any, *, what: str | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, with errors that show their real cause.
 

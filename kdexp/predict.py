@@ -59,8 +59,8 @@ def compose(overrides: list[str], output_dir: Path):
 
 def main(argv: list[str]) -> int:
     from kdexp.config import instantiate, objective_node
-    from kdexp.pipeline import (CACHE_MAX_MB, apply_num_threads, get_teachers, outputs_megabytes,
-                                teacher_output_identity)
+    from kdexp.pipeline import apply_num_threads, get_teachers
+    from kdexp.teacher_source import CACHE_MAX_MB, outputs_megabytes, teacher_output_identity
     from kdexp.teacher_outputs import compute_store, save_store
     from kdexp.validation import validate_config
 

@@ -249,7 +249,7 @@ def test_predictions_saved_over_a_changed_file_are_refused(three_runs, tmp_path)
 
 
 def test_random_augmentation_keeps_the_teacher_online(tmp_path):
-    from kdexp.pipeline import get_teacher_outputs
+    from kdexp.teacher_source import get_teacher_outputs
     from kdexp.teacher import Teacher
 
     class AugmentedDigits(DigitsDataModule):
