@@ -1,0 +1,192 @@
+"""Many students of one architecture trained in one loop, each as if it had run alone.
+
+An ablation grid trains students that differ only in seed, T and α. On small students
+the per-step framework cost, not the math, dominates, so training N of them in one
+step amortises it: their weights are stacked along a leading student axis
+(``torch.func.stack_module_state``) and one ``vmap``-ed forward runs all of them.
+
+What each student keeps of its own, exactly as in a single run:
+
+- its initialisation: it is built after seeding with its own seed, as ``run_experiment`` does;
+- its data order: epoch ``e`` draws the permutation of ``shuffle_seed + e``, as
+  :class:`kdexp.data.batches.IndexBatches` does; the teacher's cached outputs are looked
+  up by each student's own sample indices;
+- its T and α: the Hinton loss is computed per student with its own values;
+- its optimiser state: Adam and AdamW are elementwise, so one optimiser over the stacked
+  tensors equals N optimisers over the slices (the student axis never mixes);
+- its gradients: the summed loss's gradient with respect to student i's slice is the
+  gradient of student i's own loss, since no other term depends on that slice.
+
+This module is the training engine; records, checkpoints and W&B runs per student are
+written by the sweep layer on top of it (issue 12, in progress).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+class StudentPack:
+    """N students of one architecture with their parameters stacked along dimension 0."""
+
+    def __init__(self, students: Sequence[nn.Module]) -> None:
+        if not students:
+            raise ValueError("a pack needs at least one student")
+        shapes = {tuple((k, tuple(v.shape)) for k, v in s.state_dict().items()) for s in students}
+        if len(shapes) != 1:
+            raise ValueError("packed students must share one architecture (same parameter names and shapes)")
+        self.size = len(students)
+        # The template holds no data: functional_call swaps the stacked slices in under vmap.
+        self.template = copy.deepcopy(students[0]).to("meta")
+        params, buffers = stack_module_state(list(students))
+        self.params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        self.buffers = buffers
+
+    def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: (N, B, ...) — each student's own batch → logits (N, B, C)."""
+        return vmap(self._one)(self.params, self.buffers, x)
+
+    def forward_shared(self, x: Tensor) -> Tensor:
+        """``x``: (B, ...) — one batch every student sees (evaluation) → logits (N, B, C)."""
+        return vmap(self._one, in_dims=(0, 0, None))(self.params, self.buffers, x)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
+
+    def state_dict(self, i: int) -> dict[str, Tensor]:
+        """Student ``i``'s own weights, as its module's ``state_dict`` would hold them."""
+        return {name: t[i].detach().clone() for name, t in {**self.params, **self.buffers}.items()}
+
+
+def packed_hinton_terms(logits: Tensor, targets: Tensor, teacher_logits: Tensor, temperature: Tensor,
+                        alpha: Tensor) -> dict[str, Tensor]:
+    """Hinton KD (:class:`kdexp.objectives.hinton.HintonKD`) for every student at once.
+
+    ``logits``/``teacher_logits``: (N, B, C); ``targets``: (N, B); ``temperature``/``alpha``: (N,).
+    Returns per-student (N,) terms ``loss_ce`` = (1 − α)·CE and ``loss_kd`` = α·T²·KL(t ‖ s) at T,
+    the batch-mean reductions of the single-student objective. α = 0 is the CE-only baseline.
+    """
+    n, b, c = logits.shape
+    ce = F.cross_entropy(logits.reshape(n * b, c), targets.reshape(n * b), reduction="none").view(n, b).mean(1)
+    t = temperature.view(n, 1, 1)
+    log_p_student = F.log_softmax(logits / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1).mean(1)
+    return {"loss_ce": (1.0 - alpha) * ce, "loss_kd": alpha * kl * temperature**2}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The permutation a single run's training loader draws in ``epoch`` (see IndexBatches)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+@dataclass
+class PackStep:
+    """One optimiser step's per-student loss terms (detached), for per-epoch means."""
+
+    loss: Tensor  # (N,)
+    terms: dict[str, Tensor]
+
+
+def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
+                seeds: Sequence[int], epoch: int, batch_size: int, temperature: Tensor, alpha: Tensor,
+                transform=None) -> list[PackStep]:
+    """One epoch of every student, each on its own permutation of the training split."""
+    n = len(x)
+    orders = torch.stack([epoch_order(n, seed, epoch) for seed in seeds])  # (N, n)
+    steps = []
+    pack.train(True)
+    for start in range(0, n, batch_size):
+        index = orders[:, start:start + batch_size]  # (N, B): each student's own samples
+        xb = x[index]
+        if transform is not None:
+            xb = transform(xb)
+        logits = pack.forward(xb)
+        terms = packed_hinton_terms(logits, y[index], teacher_logits[index], temperature, alpha)
+        loss = terms["loss_ce"] + terms["loss_kd"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()  # student i's slice gets the gradient of student i's loss alone
+        optimizer.step()
+        steps.append(PackStep(loss.detach(), {k: v.detach() for k, v in terms.items()}))
+    return steps
+
+
+@torch.no_grad()
+def evaluate(pack: StudentPack, batches) -> tuple[Tensor, Tensor]:
+    """Per-student logits on a split every student shares: (N, samples, C), and the targets."""
+    pack.train(False)
+    outputs, targets = [], []
+    for x, y, _ in batches:
+        outputs.append(pack.forward_shared(x))
+        targets.append(y)
+    return torch.cat(outputs, dim=1), torch.cat(targets)
+
+
+def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-student accuracy of (N, samples, C) logits: (N,)."""
+    return (logits.argmax(-1) == targets).float().mean(-1)
+
+
+def fit_pack(cfgs: Sequence) -> list[dict[str, float]]:
+    """Train the students of ``cfgs`` (grid points differing only in seed, T and α) together; each
+    student's best-validation and last weights are tested as a single run tests them.
+
+    Returns per student: ``val/acc_best``, ``test/acc`` (best-val weights), ``test/acc_last``,
+    ``train/loss`` (last epoch's mean) and the two weight sets.
+    """
+    import pytorch_lightning as pl
+
+    from kdexp.config import instantiate, objective_node
+    from kdexp.pipeline import apply_num_threads, get_teacher
+    from kdexp.teacher_source import get_teacher_outputs
+
+    base = cfgs[0]
+    apply_num_threads(base.get("num_threads"))
+    datamodule = instantiate(base.data)
+    datamodule.setup()
+    teacher = get_teacher(base, datamodule)
+    students, temperatures, alphas = [], [], []
+    for cfg in cfgs:  # seeded and built in the order run_experiment builds them
+        pl.seed_everything(int(cfg.seed), verbose=False)
+        objective = instantiate(objective_node(cfg), what="kd")
+        students.append(instantiate(cfg.student))
+        temperatures.append(float(getattr(objective, "temperature", 1.0)))
+        alphas.append(float(getattr(objective, "alpha", 0.0)) if objective.needs_teacher else 0.0)
+    store, _ = get_teacher_outputs(base, datamodule, teacher, 0, objective)
+    pack = StudentPack(students)
+    optimizer = instantiate(base.optimizer)(pack.parameters())
+    train = datamodule.splits["train"]
+    seeds = [int(cfg.data.shuffle_seed) for cfg in cfgs]
+    temperature, alpha = torch.tensor(temperatures), torch.tensor(alphas)
+    best_acc = torch.full((pack.size,), -1.0)
+    best_state: list[dict[str, Tensor] | None] = [None] * pack.size
+    last_loss = torch.zeros(pack.size)
+    for epoch in range(int(base.trainer.max_epochs)):
+        steps = train_epoch(pack, optimizer, train.x, train.y, store.splits["train"].logits, seeds, epoch,
+                            datamodule.batch_size, temperature, alpha, datamodule.batch_transform)
+        last_loss = torch.stack([s.loss for s in steps]).mean(0)
+        logits, targets = evaluate(pack, datamodule.eval_batches("val"))
+        acc = accuracy(logits, targets)
+        for i in torch.nonzero(acc > best_acc).flatten().tolist():  # strictly better, as ModelCheckpoint(mode=max)
+            best_acc[i], best_state[i] = acc[i], pack.state_dict(i)
+    test_last = accuracy(*evaluate(pack, datamodule.eval_batches("test")))
+    results = []
+    for i, student in enumerate(students):
+        student.load_state_dict(best_state[i])
+        logits, targets = evaluate(StudentPack([student]), datamodule.eval_batches("test"))
+        results.append({"val/acc_best": float(best_acc[i]), "test/acc": float(accuracy(logits, targets)[0]),
+                        "test/acc_last": float(test_last[i]), "train/loss": float(last_loss[i])})
+    return results
