@@ -4,6 +4,7 @@ the key, the value and what is valid, no traceback, and no half-written record o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,8 +67,9 @@ def results(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad")
     cases = [[*FAST, *overrides, f"hydra.run.dir={base / f'case{i}'}"] for i, (overrides, _) in enumerate(CASES)]
     (base / "cases.json").write_text(json.dumps(cases))
-    env = {"PYTHONPATH": str(PLUGINS), "KDEXP_CACHE_DIR": str(base / "cache"), "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(base)}
+    # ROOT too: the script runs from tests/, and must import this checkout's kdexp, not whichever is installed
+    env = {"PYTHONPATH": f"{PLUGINS}{os.pathsep}{ROOT}", "KDEXP_CACHE_DIR": str(base / "cache"),
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(base)}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), str(base / "cases.json"),
                            str(base / "results.json")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -35,9 +35,18 @@ def setup_for(group: str, option: str) -> list[str]:
     """Overrides for ``group`` (data, teacher or student) = ``option`` to compose with matching neighbours."""
     if (group, option) in FITS_MNIST1D | FITS_ANY:
         return []
+    if option == "hf":  # Hugging Face models: a small GPT-2 built from scratch, on the language-model task
+        return ["data=stdlib_text", "teacher=hf", "student=hf", "kd=token_kd", "teacher.model.width=32",
+                "teacher.model.depth=1", "student.width=16", "student.depth=1",
+                "data.max_train_bytes=20000", "data.max_eval_bytes=5000"]
     if option in ("stdlib_text", "gpt"):  # the language-model task: token ids in, (B, L, V) out
         return [*(["data=stdlib_text"] if group != "data" else []), "teacher=gpt", "student=gpt", "kd=token_kd",
                 "data.max_train_bytes=20000", "data.max_eval_bytes=5000"]
+    if option in ("stdlib_topics", "text_files", "text_encoder"):  # token ids in, one class per sequence out
+        data = ["data=stdlib_topics"] if group != "data" else []
+        # text_files reads data.path only in setup(): a name is enough to build the module and the models.
+        path = ["data.path=unused.csv"] if option == "text_files" else []
+        return [*data, *path, "teacher=text_encoder", "student=text_encoder"]
     if is_cifar_net(option):
         return ["data=cifar100", "teacher=cnn2d"]
     return ["teacher=cnn2d"] if group == "data" else ["data=digits", "teacher=cnn2d"]

@@ -196,3 +196,70 @@ def test_the_distilled_student_exports_as_a_hugging_face_model(hf_runs, tmp_path
     assert json.loads((out / "kdexp_export.json").read_text())["run_name"] == hf_runs["cli"]["run_name"]
     assert cli_main(["export", str(run_dir), "--out", str(out)]) == 2  # never overwritten
     assert "never overwritten" in capsys.readouterr().err
+
+
+# -- sequence classification with a saved tokenizer ------------------------------------------
+POSITIVE, NEGATIVE = ["good", "great", "fine", "lovely"], ["bad", "awful", "poor", "dull"]
+FILLER = ["the", "film", "was", "plot", "and", "very", "acting", "music", "a", "it"]
+
+
+def save_tokenizer(folder: Path, words: list[str]) -> int:
+    """A word-level tokenizer, saved as a user's would be; returns its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]",
+                                                      unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def write_reviews(path: Path, rows: int, seed: int) -> None:
+    """Short 'reviews' whose label is carried by one sentiment word among filler words."""
+    rng = torch.Generator().manual_seed(seed)
+    with path.open("w") as handle:
+        for i in range(rows):
+            label = i % 2
+            words = [FILLER[int(j)] for j in torch.randint(0, len(FILLER), (6,), generator=rng)]
+            pool = POSITIVE if label else NEGATIVE
+            words.insert(int(torch.randint(0, 6, (1,), generator=rng)), pool[int(torch.randint(0, 4, (1,), generator=rng))])
+            handle.write(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reviews")
+    vocab = save_tokenizer(root / "teacher", [*POSITIVE, *NEGATIVE, *FILLER])
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=16, vocab_size=vocab, num_labels=2, pad_token_id=0)
+    transformers.BertForSequenceClassification(config).save_pretrained(root / "teacher")
+    write_reviews(root / "reviews.jsonl", 600, seed=0)
+    overrides = ["data=text_files", f"data.path={root / 'reviews.jsonl'}", f"data.tokenizer={root / 'teacher'}",
+                 f"data.vocab_size={vocab}", "data.pad_id=0", "data.input_shape=[12]", "data.batch_size=32",
+                 "teacher=hf", f"teacher.model.pretrained={root / 'teacher'}", "teacher.max_epochs=4",
+                 "student=hf", "student.family=distilbert", "student.width=16", "student.depth=1",
+                 "kd=hinton", "trainer.max_epochs=8", "optimizer.lr=0.005", "logger=none",
+                 f"paths.cache_dir={root / 'cache'}"]
+    return root, overrides
+
+
+def test_a_bert_teacher_distils_into_a_distilbert_student_on_labelled_text(reviews):
+    root, overrides = reviews
+    record = run(compose_config([*overrides, f"paths.output_dir={root / 'run'}"], root))
+    assert record["status"] == "finished" and record["task"] == "sequence_classification"
+    assert record["teacher"]["test_acc"] > 0.9  # the sentiment word decides the label: a fine-tuned BERT finds it
+    assert record["metrics"]["test/acc"] > 0.75 and record["metrics"]["test/agreement"] > 0.75  # it learned it too
+    assert record["data_sizes"]["train_labelled"] + record["data_sizes"]["val"] + record["data_sizes"]["test"] == 600
+
+
+def test_a_tokenizer_mismatch_between_teacher_and_data_is_refused(reviews):
+    root, overrides = reviews
+    save_tokenizer(root / "other-tokenizer", [*reversed(FILLER), *NEGATIVE, *POSITIVE])  # same words, other ids
+    mismatched = [o for o in overrides if not o.startswith("data.tokenizer=")] + [
+        f"data.tokenizer={root / 'other-tokenizer'}"]
+    with pytest.raises(ConfigError, match="tokenizer mismatch: the teacher .* not supported"):
+        run(compose_config([*mismatched, f"paths.output_dir={root / 'mismatch'}"], root))
+    assert not (root / "mismatch" / "checkpoints").exists()  # refused before anything was trained

@@ -87,19 +87,24 @@ def test_ctrl_c_records_interrupted(uninterrupted):
     assert "Ctrl-C" in record["error"]["message"]
 
 
-def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_intact(uninterrupted):
+def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_is_intact(uninterrupted, tmp_path):
     base, whole = uninterrupted
     folder = base / "busy"
     env = dict(os.environ, KDEXP_CACHE_DIR=str(base / "cache"), WANDB_MODE="offline", WANDB_SILENT="true",
                PYTHONPATH=str(PLUGINS))
     slow = "+callbacks.slow._target_=kdexp_test_plugins.SlowDown"  # ~1 s per epoch
-    first = subprocess.Popen([sys.executable, "-m", "kdexp.train", *RUN, slow, "trainer.max_epochs=12", "logger=none",
-                              f"hydra.run.dir={folder}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (folder / "checkpoints").exists() and time.time() < deadline:  # the first is training
-        time.sleep(0.2)
-    second = run_cli([*RUN, "seed=2", "logger=none", f"hydra.run.dir={folder}"], base / "cache")
+    pause = tmp_path / "first-is-training"  # made by the first run after a batch; it waits until the file is gone
+    first = subprocess.Popen([sys.executable, "-m", "kdexp.train", *RUN, slow, f"+callbacks.slow.pause_file={pause}",
+                              "trainer.max_epochs=12", "logger=none", f"hydra.run.dir={folder}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not pause.exists() and first.poll() is None and time.time() < deadline:  # the first is training
+            time.sleep(0.2)
+        assert pause.exists(), f"the first run never started training (exit code {first.poll()})"
+        second = run_cli([*RUN, "seed=2", "logger=none", f"hydra.run.dir={folder}"], base / "cache")
+    finally:
+        pause.unlink(missing_ok=True)  # the first run goes on
     assert second.returncode == 2
     assert "is in use by another run (pid" in second.stderr
     _, err = first.communicate(timeout=300)

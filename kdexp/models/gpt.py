@@ -18,23 +18,36 @@ from torch import Tensor, nn
 from kdexp.errors import ConfigError
 
 
-class Block(nn.Module):
-    """Pre-norm self-attention (causal) and MLP, each with a residual connection."""
+def gpt_init(module: nn.Module) -> None:
+    """GPT-2's initialisation (``model.apply(gpt_init)``): N(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+
+class Block(nn.Module):
+    """Pre-norm self-attention and MLP, each with a residual connection.
+
+    Causal (GPT: a position attends to itself and earlier ones), or bidirectional over the
+    real tokens of a padded batch (an encoder: ``keep`` (B, L) is True at real tokens).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.dropout = dropout
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, L, D)
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:  # (B, L, D)
         b, length, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
         q, k, v = (t.view(b, length, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask = None if self.causal or keep is None else keep[:, None, None, :]  # keys: the real tokens only
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
                                                   dropout_p=self.dropout if self.training else 0.0)
         x = x + self.proj(attended.transpose(1, 2).reshape(b, length, d))
         return x + self.mlp(self.norm2(x))
@@ -57,14 +70,7 @@ class TinyGPT(nn.Module):
         self.blocks = nn.Sequential(*(Block(width, heads, dropout) for _ in range(depth)))
         self.pre_logits = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes, bias=False)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        self.apply(gpt_init)
 
     def forward(self, tokens: Tensor) -> Tensor:
         tokens = tokens.long()

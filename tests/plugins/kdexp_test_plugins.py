@@ -94,15 +94,29 @@ class ParametricKD(HintonKD):
 
 
 class SlowDown(pl.Callback):
-    """Sleeps after every training batch: keeps a run alive long enough for a concurrency test."""
+    """Sleeps after every training batch: keeps a run alive long enough for a concurrency test.
 
-    def __init__(self, seconds_per_batch: float = 0.05) -> None:
+    With ``pause_file``, the run also pauses after its first training batch: it creates that file
+    and waits (at most ``max_pause_s``) until the test deletes it. The test then knows the run is
+    training, holding its folder, however long a second process takes to start on a busy machine."""
+
+    def __init__(self, seconds_per_batch: float = 0.05, pause_file: str | None = None,
+                 max_pause_s: float = 600.0) -> None:
         self.seconds_per_batch = seconds_per_batch
+        self.pause_file = pause_file
+        self.max_pause_s = max_pause_s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
+        from pathlib import Path
 
         time.sleep(self.seconds_per_batch)
+        if self.pause_file:
+            pause, self.pause_file = Path(self.pause_file), None  # once
+            pause.touch()
+            deadline = time.time() + self.max_pause_s
+            while pause.exists() and time.time() < deadline:
+                time.sleep(0.1)
 
 
 class ProjectedFeatureKD(HintonKD):
