@@ -17,6 +17,10 @@ in the window), which is what the bare loops do too.
 objective (language models included): the teacher online, the full cached logits and a
 top-K cache, with the disk bytes per position of each file.
 
+``--pack 1 2 4 8 16`` times the packed engine (:mod:`kdexp.packed`, N students in one
+vmapped step) against the same students trained one at a time by kdexp: students trained per
+second of training epochs, at each pack size.
+
 ``--runs`` adds whole-run figures: ``kdexp train`` started as a fresh process (W&B
 offline), wall time from process start to exit, and the parts its record states
 (``timings_s``). ``--sweep`` adds a whole-sweep figure: a 12-run T × α grid of KD
@@ -53,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", type=int, default=None, metavar="K",
                    help="also time online vs full-cache vs top-K-cache epochs of the configured kd objective, "
                         "with bytes per position (e.g. --outputs 8 experiment=stdlib_lm data.max_train_bytes=200000)")
+    p.add_argument("--pack", type=int, nargs="+", default=None, metavar="N",
+                   help="also time packed training (N Hinton students in one vmapped step) for these pack sizes "
+                        "against one-at-a-time kdexp epochs (e.g. --pack 1 2 4 8 16)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     return p
 
@@ -201,6 +208,73 @@ def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, t
             "speed-up over online": {name: median["online"] / median[name] for name in stores}}
 
 
+def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeats: int, epochs: int
+               ) -> list[dict[str, Any]]:
+    """Median epoch time of N students trained together (packed) and of one kdexp student (cached KD)."""
+    import pytorch_lightning as pl
+    import torch
+
+    from kdexp.config import instantiate
+    from kdexp.objectives import HintonKD
+    from kdexp.packed import StudentPack, train_epoch
+    from kdexp.pipeline import apply_num_threads, get_teacher
+    from kdexp.predict import compose
+    from kdexp.teacher_source import get_teacher_outputs
+
+    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
+    apply_num_threads(cfg.get("num_threads"))
+    datamodule = instantiate(cfg.data, what="data")
+    datamodule.setup()
+    teacher = get_teacher(cfg, datamodule)
+    store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
+    train = datamodule.splits["train"]
+
+    def packed(width: int, size: int) -> list[float]:
+        students = []
+        for seed in range(1, size + 1):
+            pl.seed_everything(seed, verbose=False)
+            students.append(instantiate(cfg.student, width=width))
+        pack = StudentPack(students)
+        optimizer = instantiate(cfg.optimizer)(pack.parameters())
+        temperature = torch.full((size,), HINTON["temperature"])
+        alpha = torch.full((size,), HINTON["alpha"])
+        seconds = []
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            train_epoch(pack, optimizer, train.x, train.y, store.splits["train"].logits, list(range(1, size + 1)),
+                        epoch, datamodule.batch_size, temperature, alpha, datamodule.batch_transform)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    rows = []
+    for width in widths:
+        samples: dict[str, list[float]] = {"single": [], **{f"pack{n}": [] for n in sizes}}
+        for _ in range(repeats):
+            samples["single"].extend(kdexp_epoch_seconds(cfg, datamodule, teacher, store, HintonKD(**HINTON), width,
+                                                         epochs)[1:])
+            for n in sizes:
+                samples[f"pack{n}"].extend(packed(width, n)[1:])
+        median = {name: statistics.median(values) for name, values in samples.items()}
+        rows.append({"width": width, "median_epoch_s": median,
+                     "students_per_epoch_second": {name: (int(name[4:]) if name != "single" else 1) / seconds
+                                                   for name, seconds in median.items()},
+                     "speed-up over single runs": {f"pack{n}": n * median["single"] / median[f"pack{n}"]
+                                                   for n in sizes}})
+    return rows
+
+
+def format_pack(rows: list[dict[str, Any]]) -> str:
+    sizes = list(rows[0]["speed-up over single runs"])
+    lines = ["| width | one kdexp student | " + " | ".join(f"{name[4:]} packed" for name in sizes) + " |",
+             "|---:|---:|" + "---:|" * len(sizes)]
+    for row in rows:
+        cells = [f"{1000 * row['median_epoch_s']['single']:.1f} ms"]
+        cells += [f"{1000 * row['median_epoch_s'][name]:.1f} ms ({row['speed-up over single runs'][name]:.2f}×)"
+                  for name in sizes]
+        lines.append(f"| {row['width']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_outputs(row: dict[str, Any]) -> str:
     lines = ["| teacher outputs | epoch | speed-up over online | file | bytes per position |", "|---|---:|---:|---:|---:|"]
     for name, seconds in row["median_epoch_s"].items():
@@ -294,7 +368,13 @@ def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)  # the tables, not Lightning's per-fit banners
     results: dict[str, Any] = {"command": "kdexp bench " + " ".join(argv)}
-    if args.outputs is not None:
+    if args.pack:
+        print(f"Timing packed training (pack sizes {args.pack}, widths {args.widths}) against one student at a "
+              "time ...", file=sys.stderr)
+        results["pack"] = pack_table(args.overrides, args.widths, args.pack, args.repeats, args.epochs)
+        print("\nMedian training-epoch time of N students trained together (speed-up over N single kdexp "
+              "epochs):\n" + format_pack(results["pack"]))
+    elif args.outputs is not None:
         if args.outputs < 1:
             raise SystemExit("kdexp bench: --outputs K needs K >= 1.")
         print(f"Timing epochs with the teacher online, from full cached outputs and from a top-{args.outputs} "

@@ -34,7 +34,7 @@ CASES: list[tuple[list[str], str]] = [
     (["seed=1.5"], "seed=1.5 is not a whole number"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0 is out of range: it must be an integer >= 1"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is out of range"),
-    (["teacher.max_epochs=0"], "teacher.max_epochs=0 is out of range"),
+    (["teacher.max_epochs=0"], "teacher.max_epochs=0 means \"use the teacher as it is\", which needs a pretrained"),
     (["data.batch_size=0"], "data.batch_size=0 is out of range"),
     (["data.val_fraction=1.0"], "data.val_fraction=1.0 is out of range: it must be a number in (0, 1)"),
     (["data.val_fraction=0"], "data.val_fraction=0 is out of range"),

@@ -148,7 +148,8 @@ def test_sweep_file_errors_are_explained(tmp_path):
 def test_shipped_sweeps_parse_and_have_the_documented_size():
     sizes = {p.stem: len(grid(load_sweep(p))) for p in (ROOT / "sweeps").glob("*.yaml")}
     assert sizes == {"hinton_grid": 120, "ce_baseline": 20, "smoke": 16, "smoke_baseline": 4, "objectives_mnist1d": 27,
-                     "linear_student": 12, "chain_mnist1d": 6, "transfer_mnist1d": 12, "lm_stdlib": 3}
+                     "linear_student": 12, "chain_mnist1d": 6, "transfer_mnist1d": 12, "lm_stdlib": 3,
+                     "topics_stdlib": 6}
 
 
 def test_a_parallel_sweep_run_equals_the_same_run_alone(smoke, tmp_path):
