@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,26 @@ class StudentPack:
         params, buffers = stack_module_state(list(students))
         self.params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
         self.buffers = buffers
+        self.active = torch.ones(self.size, dtype=torch.bool)  # False: the member failed and is frozen
+        self.failures: dict[int, str] = {}
+
+    def fail(self, i: int, reason: str, optimizer: torch.optim.Optimizer) -> None:
+        """Stop training member ``i`` (its loss went non-finite) without touching the others: its
+        optimiser moments are zeroed, and :meth:`freeze_failed` zeroes its gradients every step,
+        so Adam's update for its slice is 0 from now on."""
+        self.active[i] = False
+        self.failures[i] = reason
+        for p in self.parameters():
+            for moment in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(moment) and moment.dim() > 0 and moment.shape[0] == self.size:
+                    moment[i] = 0
+
+    def freeze_failed(self) -> None:
+        if bool(self.active.all()):
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad[~self.active] = 0
 
     def _one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.template, (params, buffers), (x,))
@@ -117,8 +138,13 @@ def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, 
         logits = pack.forward(xb)
         terms = packed_hinton_terms(logits, y[index], teacher_logits[index], temperature, alpha)
         loss = terms["loss_ce"] + terms["loss_kd"]
+        broken = ~torch.isfinite(loss.detach()) & pack.active  # one host sync per step, as a single run's check
+        for i in torch.nonzero(broken).flatten().tolist():
+            pack.fail(i, f"training loss became {float(loss[i].detach())} at epoch {epoch}, batch {start // batch_size}; "
+                         "lower optimizer.lr, check the inputs, or set trainer.gradient_clip_val", optimizer)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # student i's slice gets the gradient of student i's loss alone
+        pack.freeze_failed()  # a failed member's NaN gradients never reach its (or anyone's) weights
         optimizer.step()
         steps.append(PackStep(loss.detach(), {k: v.detach() for k, v in terms.items()}))
     return steps
@@ -140,12 +166,13 @@ def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(-1) == targets).float().mean(-1)
 
 
-def fit_pack(cfgs: Sequence) -> list[dict[str, float]]:
+def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
     """Train the students of ``cfgs`` (grid points differing only in seed, T and α) together; each
     student's best-validation and last weights are tested as a single run tests them.
 
-    Returns per student: ``val/acc_best``, ``test/acc`` (best-val weights), ``test/acc_last``,
-    ``train/loss`` (last epoch's mean) and the two weight sets.
+    Returns per student ``status: finished`` with ``val/acc_best``, ``test/acc`` (best-val weights),
+    ``test/acc_last`` and ``train/loss`` (last epoch's mean); or ``status: failed`` with the error of
+    a member whose loss went non-finite (the others train on, unaffected).
     """
     import pytorch_lightning as pl
 
@@ -180,13 +207,17 @@ def fit_pack(cfgs: Sequence) -> list[dict[str, float]]:
         last_loss = torch.stack([s.loss for s in steps]).mean(0)
         logits, targets = evaluate(pack, datamodule.eval_batches("val"))
         acc = accuracy(logits, targets)
-        for i in torch.nonzero(acc > best_acc).flatten().tolist():  # strictly better, as ModelCheckpoint(mode=max)
+        for i in torch.nonzero((acc > best_acc) & pack.active).flatten().tolist():  # strictly better, as ModelCheckpoint
             best_acc[i], best_state[i] = acc[i], pack.state_dict(i)
     test_last = accuracy(*evaluate(pack, datamodule.eval_batches("test")))
     results = []
     for i, student in enumerate(students):
+        if i in pack.failures or best_state[i] is None:
+            results.append({"status": "failed", "error": pack.failures.get(i, "no finite validation epoch")})
+            continue
         student.load_state_dict(best_state[i])
         logits, targets = evaluate(StudentPack([student]), datamodule.eval_batches("test"))
-        results.append({"val/acc_best": float(best_acc[i]), "test/acc": float(accuracy(logits, targets)[0]),
+        results.append({"status": "finished", "val/acc_best": float(best_acc[i]),
+                        "test/acc": float(accuracy(logits, targets)[0]),
                         "test/acc_last": float(test_last[i]), "train/loss": float(last_loss[i])})
     return results

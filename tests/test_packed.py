@@ -12,7 +12,7 @@ from conftest import compose_config
 from kdexp.models import MLP
 from kdexp.objectives.base import ModelOutputs
 from kdexp.objectives.hinton import HintonKD
-from kdexp.packed import StudentPack, epoch_order, fit_pack, packed_hinton_terms
+from kdexp.packed import StudentPack, epoch_order, fit_pack, packed_hinton_terms, train_epoch
 from kdexp.train import run
 
 BASE = ["data=mnist1d", "student=mlp", "student.width=64", "trainer.max_epochs=3", "teacher.max_epochs=20",
@@ -77,3 +77,32 @@ def test_each_student_keeps_its_own_data_order():
             _, _, index = next(iter(loader))
             assert torch.equal(index, epoch_order(50, seed, epoch))
     assert not torch.equal(epoch_order(50, 1, 0), epoch_order(50, 7, 0))
+
+
+def test_a_member_whose_loss_goes_nan_fails_alone_and_the_others_train_on_unchanged():
+    def students(with_broken: bool) -> list:
+        built = []
+        for seed in (1, 2, 3):
+            torch.manual_seed(seed)
+            built.append(MLP([10], 4, width=8, depth=2))
+        if with_broken:
+            with torch.no_grad():
+                built[1].stage1[0].weight[0, 0] = float("nan")  # its logits, hence its loss, are NaN
+            return built
+        return [built[0], built[2]]
+
+    x, y, teacher = torch.randn(60, 10), torch.randint(0, 4, (60,)), torch.randn(60, 4)
+    results = {}
+    for with_broken in (True, False):
+        pack = StudentPack(students(with_broken))
+        optimizer = torch.optim.Adam(pack.parameters(), lr=0.01)
+        seeds = [1, 2, 3] if with_broken else [1, 3]
+        settings = torch.full((len(seeds),), 2.0), torch.full((len(seeds),), 0.5)
+        for epoch in range(3):
+            train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 16, *settings)
+        results[with_broken] = pack
+    broken, clean = results[True], results[False]
+    assert list(broken.failures) == [1] and "training loss became nan at epoch 0, batch 0" in broken.failures[1]
+    for mine, theirs in ((0, 0), (2, 1)):  # the healthy members equal a pack that never held the broken one
+        for name, tensor in clean.state_dict(theirs).items():
+            assert torch.allclose(broken.state_dict(mine)[name], tensor, atol=1e-6), (mine, name)
