@@ -253,6 +253,15 @@ def test_a_bert_teacher_distils_into_a_distilbert_student_on_labelled_text(revie
     assert record["teacher"]["test_acc"] > 0.9  # the sentiment word decides the label: a fine-tuned BERT finds it
     assert record["metrics"]["test/acc"] > 0.75 and record["metrics"]["test/agreement"] > 0.75  # it learned it too
     assert record["data_sizes"]["train_labelled"] + record["data_sizes"]["val"] + record["data_sizes"]["test"] == 600
+    out = root / "exported"  # the distilled student, ready for transformers, with the tokenizer it reads
+    assert cli_main(["export", str(root / "run"), "--out", str(out)]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = tokenizer(["the film was great", "the plot was awful"], return_tensors="pt", padding="max_length",
+                      max_length=12)
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    assert predicted == [1, 0]  # labels in sorted order: neg = 0, pos = 1
 
 
 def test_a_tokenizer_mismatch_between_teacher_and_data_is_refused(reviews):
