@@ -221,3 +221,64 @@ def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
                         "test/acc": float(accuracy(logits, targets)[0]),
                         "test/acc_last": float(test_last[i]), "train/loss": float(last_loss[i])})
     return results
+
+
+# -- which grid points can share a pack ----------------------------------------------------
+PACKABLE_STUDENTS = ("kdexp.models.MLP", "kdexp.models.zoo.MLP")
+PACKABLE_OBJECTIVES = ("kdexp.objectives.HintonKD", "kdexp.objectives.hinton.HintonKD",
+                       "kdexp.objectives.CrossEntropyOnly", "kdexp.objectives.cross_entropy.CrossEntropyOnly")
+# What may differ between the members of one pack: everything else must be equal.
+PER_MEMBER_KEYS = ("seed", "data.shuffle_seed", "kd.temperature", "kd.alpha", "kd._target_")
+
+
+def why_not_packable(cfg: Any) -> str | None:
+    """None when ``cfg``'s run can train in a pack; otherwise the reason it runs alone."""
+    if str(cfg.student.get("_target_")) not in PACKABLE_STUDENTS:
+        return f"student {cfg.student.get('_target_')}: only MLP students pack so far"
+    if str(cfg.kd.get("_target_")) not in PACKABLE_OBJECTIVES:
+        return f"kd {cfg.kd.get('_target_')}: only Hinton KD and CE-only pack so far"
+    if cfg.get("chain") or cfg.get("teachers") or cfg.get("init_from") or cfg.teacher.get("predictions"):
+        return "chains, extra teachers, init_from and predictions files run alone"
+    if cfg.data.get("transfer_set") or any(node for node in (cfg.get("schedule") or {}).values()):
+        return "transfer sets and schedules run alone"
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    if cfg.get("scheduler") or cfg.trainer.get("gradient_clip_val") or accumulate != 1:
+        return "lr schedulers, gradient clipping and accumulation run alone (clipping would mix members)"
+    return None
+
+
+def packing_key(cfg: Any) -> str:
+    """Equal keys, packable together: the resolved config without :data:`PER_MEMBER_KEYS`."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in PER_MEMBER_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for key in ("choices", "overrides", "paths", "hydra"):
+        plain.pop(key, None)
+    if isinstance(plain.get("kd"), dict):  # Hinton's knobs and CE-only differ per member only
+        plain["kd"] = {k: v for k, v in plain["kd"].items() if k in ("cache_teacher", "cache_topk")}
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pack_groups(cfgs: Sequence[Any], size: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Grid points (by position) grouped into packs of at most ``size`` that share a packing key,
+    in grid order; and the points that run alone, with why."""
+    alone: dict[int, str] = {}
+    by_key: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        reason = why_not_packable(cfg)
+        if reason:
+            alone[i] = reason
+        else:
+            by_key.setdefault(packing_key(cfg), []).append(i)
+    packs = [members[j:j + size] for members in by_key.values() for j in range(0, len(members), size)]
+    return packs, alone

@@ -12,7 +12,7 @@ from conftest import compose_config
 from kdexp.models import MLP
 from kdexp.objectives.base import ModelOutputs
 from kdexp.objectives.hinton import HintonKD
-from kdexp.packed import StudentPack, epoch_order, fit_pack, packed_hinton_terms, train_epoch
+from kdexp.packed import StudentPack, epoch_order, fit_pack, pack_groups, packed_hinton_terms, train_epoch
 from kdexp.train import run
 
 BASE = ["data=mnist1d", "student=mlp", "student.width=64", "trainer.max_epochs=3", "teacher.max_epochs=20",
@@ -106,3 +106,17 @@ def test_a_member_whose_loss_goes_nan_fails_alone_and_the_others_train_on_unchan
     for mine, theirs in ((0, 0), (2, 1)):  # the healthy members equal a pack that never held the broken one
         for name, tensor in clean.state_dict(theirs).items():
             assert torch.allclose(broken.state_dict(mine)[name], tensor, atol=1e-6), (mine, name)
+
+
+def test_grid_points_pack_by_everything_but_seed_temperature_and_alpha(tmp_path):
+    grid = [[f"seed={s}", f"kd.temperature={t}", f"student.width={w}"] for w in (64, 128) for t in (2, 4)
+            for s in (1, 2, 3)]
+    grid += [["kd=none", "seed=1", "student.width=64"], ["kd=dkd", "seed=1", "student.width=64"],
+             ["chain=[96]", "seed=1", "student.width=64"]]
+    cfgs = [compose_config(["data=mnist1d", "student=mlp", *point], tmp_path) for point in grid]
+    packs, alone = pack_groups(cfgs, size=4)
+    widths = [{int(cfgs[i].student.width) for i in pack} for pack in packs]
+    assert all(len(w) == 1 for w in widths)  # a pack never mixes widths
+    assert sorted(i for pack in packs for i in pack) == list(range(13))  # 12 Hinton points + the CE-only one
+    assert max(len(p) for p in packs) == 4 and len(packs) == 4  # width 64: 7 points → 4 + 3; width 128: 6 → 4 + 2
+    assert set(alone) == {13, 14} and "Hinton KD and CE-only" in alone[13] and "chains" in alone[14]
