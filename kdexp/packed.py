@@ -166,13 +166,24 @@ def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(-1) == targets).float().mean(-1)
 
 
+def member_metrics(logits: Tensor, targets: Tensor, teacher_logits: Tensor, num_classes: int) -> dict[str, float]:
+    """One member's evaluation metrics, computed by the very class single runs log them with."""
+    from kdexp.modules import EvalMetrics
+
+    metrics = EvalMetrics(num_classes)
+    metrics.update(logits, targets, teacher_logits)
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
 def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
     """Train the students of ``cfgs`` (grid points differing only in seed, T and α) together; each
     student's best-validation and last weights are tested as a single run tests them.
 
-    Returns per student ``status: finished`` with ``val/acc_best``, ``test/acc`` (best-val weights),
-    ``test/acc_last`` and ``train/loss`` (last epoch's mean); or ``status: failed`` with the error of
-    a member whose loss went non-finite (the others train on, unaffected).
+    Returns per student ``status: finished`` with the metric keys a single run's record holds
+    (``val/*`` of the last epoch, ``val/acc_best``, ``val/acc_init``, ``test/*`` at the best-val
+    weights and ``test/*_last`` at the last, ``train/*`` of the last epoch, ``teacher/test_acc``);
+    or ``status: failed`` with the error of a member whose loss went non-finite (the others
+    train on, unaffected).
     """
     import pytorch_lightning as pl
 
@@ -185,41 +196,56 @@ def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
     datamodule = instantiate(base.data)
     datamodule.setup()
     teacher = get_teacher(base, datamodule)
-    students, temperatures, alphas = [], [], []
+    num_classes = int(base.data.num_classes)
+    students, objectives = [], []
     for cfg in cfgs:  # seeded and built in the order run_experiment builds them
         pl.seed_everything(int(cfg.seed), verbose=False)
-        objective = instantiate(objective_node(cfg), what="kd")
+        objectives.append(instantiate(objective_node(cfg), what="kd"))
         students.append(instantiate(cfg.student))
-        temperatures.append(float(getattr(objective, "temperature", 1.0)))
-        alphas.append(float(getattr(objective, "alpha", 0.0)) if objective.needs_teacher else 0.0)
-    store, _ = get_teacher_outputs(base, datamodule, teacher, 0, objective)
+    distils = [o.needs_teacher for o in objectives]
+    temperature = torch.tensor([float(getattr(o, "temperature", 1.0)) for o in objectives])
+    alpha = torch.tensor([float(o.alpha) if d else 0.0 for o, d in zip(objectives, distils)])  # α = 0: CE only
+    store, _ = get_teacher_outputs(base, datamodule, teacher, 0, objectives[0])
     pack = StudentPack(students)
     optimizer = instantiate(base.optimizer)(pack.parameters())
     train = datamodule.splits["train"]
     seeds = [int(cfg.data.shuffle_seed) for cfg in cfgs]
-    temperature, alpha = torch.tensor(temperatures), torch.tensor(alphas)
+    teacher_logits = {split: store.splits[split].logits for split in ("val", "test")}
+    val_init = accuracy(*evaluate(pack, datamodule.eval_batches("val")))
     best_acc = torch.full((pack.size,), -1.0)
     best_state: list[dict[str, Tensor] | None] = [None] * pack.size
-    last_loss = torch.zeros(pack.size)
+    epoch_means: dict[str, Tensor] = {}
+    val_logits, val_targets = None, None
     for epoch in range(int(base.trainer.max_epochs)):
         steps = train_epoch(pack, optimizer, train.x, train.y, store.splits["train"].logits, seeds, epoch,
                             datamodule.batch_size, temperature, alpha, datamodule.batch_transform)
-        last_loss = torch.stack([s.loss for s in steps]).mean(0)
-        logits, targets = evaluate(pack, datamodule.eval_batches("val"))
-        acc = accuracy(logits, targets)
+        epoch_means = {"loss": torch.stack([s.loss for s in steps]).mean(0),
+                       **{name: torch.stack([s.terms[name] for s in steps]).mean(0) for name in steps[0].terms}}
+        val_logits, val_targets = evaluate(pack, datamodule.eval_batches("val"))
+        acc = accuracy(val_logits, val_targets)
         for i in torch.nonzero((acc > best_acc) & pack.active).flatten().tolist():  # strictly better, as ModelCheckpoint
             best_acc[i], best_state[i] = acc[i], pack.state_dict(i)
-    test_last = accuracy(*evaluate(pack, datamodule.eval_batches("test")))
+    test_last, test_targets = evaluate(pack, datamodule.eval_batches("test"))
     results = []
     for i, student in enumerate(students):
         if i in pack.failures or best_state[i] is None:
             results.append({"status": "failed", "error": pack.failures.get(i, "no finite validation epoch")})
             continue
         student.load_state_dict(best_state[i])
-        logits, targets = evaluate(StudentPack([student]), datamodule.eval_batches("test"))
-        results.append({"status": "finished", "val/acc_best": float(best_acc[i]),
-                        "test/acc": float(accuracy(logits, targets)[0]),
-                        "test/acc_last": float(test_last[i]), "train/loss": float(last_loss[i])})
+        test_best, _ = evaluate(StudentPack([student]), datamodule.eval_batches("test"))
+        metrics = {f"val/{k}": v for k, v in member_metrics(val_logits[i], val_targets, teacher_logits["val"],
+                                                             num_classes).items()}
+        metrics.update({f"test/{k}": v for k, v in member_metrics(test_best[0], test_targets, teacher_logits["test"],
+                                                                   num_classes).items()})
+        metrics.update({f"test/{k}_last": v for k, v in member_metrics(test_last[i], test_targets,
+                                                                        teacher_logits["test"], num_classes).items()})
+        terms = ("loss", "loss_ce", "loss_kd") if distils[i] else ("loss", "loss_ce")
+        metrics.update({f"train/{name}": float(epoch_means[name][i]) for name in terms})
+        if distils[i]:
+            metrics.update({"train/temperature": float(temperature[i]), "train/alpha": float(alpha[i])})
+        metrics.update({"val/acc_best": float(best_acc[i]), "best_val_score": float(best_acc[i]),
+                        "val/acc_init": float(val_init[i]), "teacher/test_acc": teacher.test_acc})
+        results.append({"status": "finished", **metrics})
     return results
 
 
