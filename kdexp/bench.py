@@ -130,21 +130,27 @@ def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool
     return seconds
 
 
-def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: int) -> list[dict[str, Any]]:
-    """Median epoch seconds of (i)–(v) per width, over interleaved repeats."""
-    import torch
-
+def bench_setup(overrides: list[str]):
+    """The composed config (no logger), its data (set up, threads pinned) and its teacher."""
     from kdexp.config import instantiate
-    from kdexp.objectives import CrossEntropyOnly, HintonKD
     from kdexp.pipeline import apply_num_threads, get_teacher
-    from kdexp.teacher_source import get_teacher_outputs
     from kdexp.predict import compose
 
     cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
     apply_num_threads(cfg.get("num_threads"))
     datamodule = instantiate(cfg.data, what="data")
     datamodule.setup()
-    teacher = get_teacher(cfg, datamodule)
+    return cfg, datamodule, get_teacher(cfg, datamodule)
+
+
+def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: int) -> list[dict[str, Any]]:
+    """Median epoch seconds of (i)–(v) per width, over interleaved repeats."""
+    import torch
+
+    from kdexp.objectives import CrossEntropyOnly, HintonKD
+    from kdexp.teacher_source import get_teacher_outputs
+
+    cfg, datamodule, teacher = bench_setup(overrides)
     store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
     if store is None:
         raise SystemExit("kdexp bench: this data set is augmented, so there is no cached KD to time.")
@@ -175,16 +181,10 @@ def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, t
     """Epoch time of the configured objective with the teacher online, from full cached logits and from
     a top-``topk`` cache (medians of interleaved repeats), and the disk bytes per position of each file."""
     from kdexp.config import instantiate, objective_node
-    from kdexp.pipeline import apply_num_threads, get_teacher
     from kdexp.teacher_source import teacher_output_identity
-    from kdexp.predict import compose
     from kdexp.teacher_outputs import compute_store, read_store, save_store
 
-    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
-    apply_num_threads(cfg.get("num_threads"))
-    datamodule = instantiate(cfg.data, what="data")
-    datamodule.setup()
-    teacher = get_teacher(cfg, datamodule)
+    cfg, datamodule, teacher = bench_setup(overrides)
     objective = lambda: instantiate(objective_node(cfg), what="kd")  # noqa: E731 (a fresh one per fit)
     positions = sum(split.y.numel() for split in datamodule.splits.values())
     stores, sizes = {}, {}
@@ -217,15 +217,9 @@ def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeat
     from kdexp.config import instantiate
     from kdexp.objectives import HintonKD
     from kdexp.packed import StudentPack, train_epoch
-    from kdexp.pipeline import apply_num_threads, get_teacher
-    from kdexp.predict import compose
     from kdexp.teacher_source import get_teacher_outputs
 
-    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
-    apply_num_threads(cfg.get("num_threads"))
-    datamodule = instantiate(cfg.data, what="data")
-    datamodule.setup()
-    teacher = get_teacher(cfg, datamodule)
+    cfg, datamodule, teacher = bench_setup(overrides)
     store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
     train = datamodule.splits["train"]
 

@@ -42,10 +42,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kdexp.task", resolved_task)
 
 
-def to_plain(cfg: DictConfig | None) -> Any:
-    """The resolved config as plain Python containers (for JSON, W&B and hashing)."""
-    if cfg is None:
-        return None
+def to_plain(cfg: Any) -> Any:
+    """The resolved config as plain Python containers (for JSON, W&B and hashing); a value that is
+    not a config node (None, a plain list or dict) as it is."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 

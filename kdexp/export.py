@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
 
     from kdexp.config import instantiate
     from kdexp.records import read_record
-    from kdexp.teacher import INIT_FILE_ROLE, load_teacher_weights, weights_hash
+    from kdexp.teacher import CheckpointRole, load_teacher_weights, weights_hash
 
     args = parser().parse_args(argv)
     record = read_record(args.run)
@@ -51,7 +51,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"the run's student ({config.student._target_}) is not a Hugging Face model; its weights "
                           f"are in {args.run / 'checkpoints'} (load them with torch.load).")
     checkpoint = args.run / "checkpoints" / f"{args.checkpoint}.ckpt"
-    load_teacher_weights(student, checkpoint, int(config.data.num_classes), INIT_FILE_ROLE)
+    role = CheckpointRole("run checkpoint", "student", f"The run folder holds no {checkpoint.name}; choose "
+                          "--checkpoint best or last, whichever it has", "Was the run folder's config edited?")
+    load_teacher_weights(student, checkpoint, int(config.data.num_classes), role)
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out)
     tokenizer = config.data.get("tokenizer")

@@ -253,8 +253,10 @@ def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
 PACKABLE_STUDENTS = ("kdexp.models.MLP", "kdexp.models.zoo.MLP")
 PACKABLE_OBJECTIVES = ("kdexp.objectives.HintonKD", "kdexp.objectives.hinton.HintonKD",
                        "kdexp.objectives.CrossEntropyOnly", "kdexp.objectives.cross_entropy.CrossEntropyOnly")
-# What may differ between the members of one pack: everything else must be equal.
-PER_MEMBER_KEYS = ("seed", "data.shuffle_seed", "kd.temperature", "kd.alpha", "kd._target_")
+# What may differ between the members of one pack: everything else must be equal. Without
+# these, Hinton's kd node and CE-only's are the same (the run-level cache settings); CE-only's
+# label smoothing is always 0 in a pack (why_not_packable), since the packed loss has none.
+PER_MEMBER_KEYS = ("seed", "data.shuffle_seed", "kd.temperature", "kd.alpha", "kd._target_", "kd.label_smoothing")
 
 
 def why_not_packable(cfg: Any) -> str | None:
@@ -263,6 +265,8 @@ def why_not_packable(cfg: Any) -> str | None:
         return f"student {cfg.student.get('_target_')}: only MLP students pack so far"
     if str(cfg.kd.get("_target_")) not in PACKABLE_OBJECTIVES:
         return f"kd {cfg.kd.get('_target_')}: only Hinton KD and CE-only pack so far"
+    if cfg.kd.get("label_smoothing"):
+        return "label smoothing runs alone (the packed loss has none)"
     if cfg.get("chain") or cfg.get("teachers") or cfg.get("init_from") or cfg.teacher.get("predictions"):
         return "chains, extra teachers, init_from and predictions files run alone"
     if cfg.data.get("transfer_set") or any(node for node in (cfg.get("schedule") or {}).values()):
@@ -290,8 +294,6 @@ def packing_key(cfg: Any) -> str:
             node.pop(leaf, None)
     for key in ("choices", "overrides", "paths", "hydra"):
         plain.pop(key, None)
-    if isinstance(plain.get("kd"), dict):  # Hinton's knobs and CE-only differ per member only
-        plain["kd"] = {k: v for k, v in plain["kd"].items() if k in ("cache_teacher", "cache_topk")}
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdexp.config import to_plain
 from kdexp.data.base import InMemoryDataModule, Split, stratified_holdout
 from kdexp.data.tokenizer import load_tokenizer
 from kdexp.errors import ConfigError, require
@@ -132,13 +133,6 @@ def hub_tables(hub: str, config: str | None, splits: Mapping[str, str | None],
     return tables
 
 
-def plain(value: Any) -> Any:
-    """A Hydra node (DictConfig / ListConfig) as plain Python containers; anything else as it is."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 class TextFilesDataModule(InMemoryDataModule):
     """Text classification or language modelling on your own files (see the module docstring)."""
 
@@ -177,10 +171,10 @@ class TextFilesDataModule(InMemoryDataModule):
                     f"data.num_classes={self.vocab_size} (data.num_classes is {self.num_classes}).")
         self.paths = {"train": path, "val": val_path, "test": test_path}
         self.hub, self.hub_config = hub, hub_config
-        self.hub_splits = dict(DEFAULT_HUB_SPLITS if hub_splits is None else plain(hub_splits))
-        self.hub_options = dict(plain(hub_options) or {})  # load_dataset wants plain dicts (data_files=...)
+        self.hub_splits = dict(DEFAULT_HUB_SPLITS if hub_splits is None else to_plain(hub_splits))
+        self.hub_options = dict(to_plain(hub_options) or {})  # load_dataset wants plain dicts (data_files=...)
         self.text_field, self.label_field, self.prompt_field = text_field, label_field, prompt_field
-        self.labels = None if labels is None else list(plain(labels))
+        self.labels = None if labels is None else list(to_plain(labels))
         self.test_fraction = float(test_fraction)
         self.label_names: list[str] = []
         self._integer_labels = False

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kdexp.errors import ConfigError
+from kdexp.huggingface import import_transformers, is_local_path
 
-TEXT_EXTRA = "pip install -e '.[text]'"
 # Files save_pretrained writes for a tokenizer (fast, sentencepiece, WordPiece and BPE ones).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "spiece.model", "tokenizer.model", "special_tokens_map.json")
@@ -48,24 +48,14 @@ class ByteTokenizer:
         return f"bytes-{self.vocab_size}"
 
 
-def _is_local(spec: str) -> bool:
-    """Whether ``spec`` names a directory rather than a hub repository ("org/name" is a hub name)."""
-    return spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or Path(spec).expanduser().exists()
-
-
 class HFTokenizer:
     """A Hugging Face tokenizer loaded with ``AutoTokenizer.from_pretrained(spec)``."""
 
     def __init__(self, spec: str) -> None:
-        try:
-            import transformers
-        except ImportError as err:
-            raise ConfigError(f"tokenizer '{spec}' is a Hugging Face tokenizer, which needs the transformers "
-                              f"package: {TEXT_EXTRA}, or use the byte-level tokenizer (data.tokenizer=bytes)."
-                              ) from err
-        transformers.logging.set_verbosity_error()  # its warnings would be about settings encode() never uses
+        transformers = import_transformers(f"tokenizer '{spec}' is a Hugging Face tokenizer, which",
+                                           ", or use the byte-level tokenizer (data.tokenizer=bytes)")
         self.name = str(spec)
-        local = _is_local(self.name)
+        local = is_local_path(self.name)
         path = Path(self.name).expanduser()
         if local and not path.is_dir():
             raise ConfigError(f"tokenizer directory not found: {path.resolve()} (data.tokenizer={spec}). Point "

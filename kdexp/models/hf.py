@@ -25,26 +25,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdexp.config import is_interactive
 from kdexp.errors import ConfigError
+from kdexp.huggingface import import_transformers, is_local_path
 
 FAMILIES = ("gpt2", "llama", "bert", "distilbert")
 # The hidden state the head reads, per model_type: tap point ``pre_logits`` (as in kdexp's own models).
 PRE_LOGITS = {"gpt2": "transformer.ln_f", "llama": "model.norm", "bert": "bert.pooler", "distilbert": "pre_classifier"}
 HEADS = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-TEXT_EXTRA = "pip install -e '.[text]'"
-
-
-def import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as err:
-        raise ConfigError(f"Hugging Face models need the transformers package: {TEXT_EXTRA}") from err
-    transformers.logging.set_verbosity_error()  # its config warnings are ours to raise, in our words
-    if not is_interactive():  # "Loading weights" bars in logs and CI output are noise
-        transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def scratch_config(family: str, width: int, depth: int, heads: int, vocab_size: int, context: int,
@@ -68,10 +56,6 @@ def scratch_config(family: str, width: int, depth: int, heads: int, vocab_size: 
                     pad_token_id=pad_id)
     raise ConfigError(f"model family '{family}' is not one kdexp builds from scratch; choose one of "
                       f"{', '.join(FAMILIES)}, or load a model with pretrained=<directory or hub name>.")
-
-
-def is_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 def pretrained_identity(name: str, revision: str | None = None) -> str:
@@ -121,7 +105,7 @@ class HFModel(nn.Module):
         if len(in_shape) != 1:
             raise ConfigError(f"Hugging Face text models read token sequences (data.input_shape [L]), got "
                               f"{list(in_shape)}; use a text data set (data=stdlib_text, text_files, stdlib_topics).")
-        transformers = import_transformers()
+        transformers = import_transformers("a Hugging Face model (teacher=hf, student=hf)")
         auto_class = getattr(transformers, HEADS[task])
         self.task, self.pad_id = task, pad_id
         vocab = int(vocab_size if vocab_size is not None else num_classes)
