@@ -33,6 +33,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="parallel local workers (joblib launcher); default 1")
     parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
                         help="slurm: one SLURM job per run through submitit (conf/hydra/launcher/slurm.yaml)")
+    parser.add_argument("--pack", type=int, default=0, metavar="N",
+                        help="train up to N grid points that differ only in seed, T and alpha together in one "
+                             "process (MLP students, Hinton KD or CE only); each still gets its own run folder, "
+                             "record, checkpoints and W&B run. Other points run as usual (default 0: off)")
     parser.add_argument("--dir", type=Path, default=None, help="sweep folder; default outputs/sweeps/<name>")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
     parser.add_argument("--sample-seed", type=int, default=0,
@@ -52,12 +56,18 @@ def sweep_main(argv: list[str]) -> int:
     args = sweep_parser().parse_intermixed_args(argv)
     if args.jobs < 1:
         raise KdexpError(f"--jobs must be >= 1, got {args.jobs}.")
+    if args.pack < 0 or args.pack == 1:
+        raise KdexpError(f"--pack must be >= 2 (students per pack), or 0 for no packing; got {args.pack}.")
+    if args.pack and (args.wandb or args.launcher != "local"):
+        raise KdexpError("--pack trains packs on this machine; it does not combine with --wandb or --launcher "
+                         "slurm (there each run is its own job). Drop --pack, or run the sweep locally.")
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
-    sweep.check_points(points)  # every point composes and validates, or nothing runs
+    cfgs = sweep.check_points(points)  # every point composes and validates, or nothing runs
+    plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force) if args.pack else None
     if args.dry_run:
-        print(sweep.dry_run(points, sweep_dir, args.force))
+        print(sweep.dry_run(points, sweep_dir, args.force, plan))
         return 0
     if args.wandb:
         path = sweep.create_wandb_sweep(spec, args.overrides, args.project, args.entity)
@@ -66,7 +76,7 @@ def sweep_main(argv: list[str]) -> int:
               f"  .venv/bin/wandb agent {path}")
         return 0
     return sweep.run_local(spec, points, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
-                           launcher=args.launcher)
+                           launcher=args.launcher, plan=plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,15 +17,15 @@ What each student keeps of its own, exactly as in a single run:
 - its gradients: the summed loss's gradient with respect to student i's slice is the
   gradient of student i's own loss, since no other term depends on that slice.
 
-This module is the training engine; records, checkpoints and W&B runs per student are
-written by the sweep layer on top of it (issue 12, in progress).
+This module is the training engine; :mod:`kdexp.packed_runs` writes each member's run
+folder, record, checkpoints and W&B run, and ``kdexp sweep --pack N`` uses both.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -128,6 +128,7 @@ def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, 
     """One epoch of every student, each on its own permutation of the training split."""
     n = len(x)
     orders = torch.stack([epoch_order(n, seed, epoch) for seed in seeds])  # (N, n)
+    batches = -(-n // batch_size)
     steps = []
     pack.train(True)
     for start in range(0, n, batch_size):
@@ -140,8 +141,11 @@ def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, 
         loss = terms["loss_ce"] + terms["loss_kd"]
         broken = ~torch.isfinite(loss.detach()) & pack.active  # one host sync per step, as a single run's check
         for i in torch.nonzero(broken).flatten().tolist():
-            pack.fail(i, f"training loss became {float(loss[i].detach())} at epoch {epoch}, batch {start // batch_size}; "
-                         "lower optimizer.lr, check the inputs, or set trainer.gradient_clip_val", optimizer)
+            batch = start // batch_size
+            detail = ", ".join(f"{k}={float(v[i]):.4g}" for k, v in terms.items())
+            pack.fail(i, f"training loss became {float(loss[i].detach())} at global step {epoch * batches + batch} "
+                         f"(epoch {epoch}, batch {batch}); terms: {detail}. Lower optimizer.lr, check the inputs, "
+                         "or set trainer.gradient_clip_val.", optimizer)
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()  # student i's slice gets the gradient of student i's loss alone
         pack.freeze_failed()  # a failed member's NaN gradients never reach its (or anyone's) weights
@@ -162,8 +166,8 @@ def evaluate(pack: StudentPack, batches) -> tuple[Tensor, Tensor]:
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-student accuracy of (N, samples, C) logits: (N,)."""
-    return (logits.argmax(-1) == targets).float().mean(-1)
+    """Per-student accuracy of (N, samples, C) logits: (N,), counted in float64 as a single run counts it."""
+    return (logits.argmax(-1) == targets).double().mean(-1)
 
 
 def member_metrics(logits: Tensor, targets: Tensor, teacher_logits: Tensor, num_classes: int) -> dict[str, float]:
@@ -175,78 +179,126 @@ def member_metrics(logits: Tensor, targets: Tensor, teacher_logits: Tensor, num_
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-def fit_pack(cfgs: Sequence) -> list[dict[str, Any]]:
-    """Train the students of ``cfgs`` (grid points differing only in seed, T and α) together; each
-    student's best-validation and last weights are tested as a single run tests them.
+@dataclass
+class Snapshot:
+    """One member's weights at the end of an epoch, with that epoch's logged values (a checkpoint's contents)."""
 
-    Returns per student ``status: finished`` with the metric keys a single run's record holds
-    (``val/*`` of the last epoch, ``val/acc_best``, ``val/acc_init``, ``test/*`` at the best-val
-    weights and ``test/*_last`` at the last, ``train/*`` of the last epoch, ``teacher/test_acc``);
-    or ``status: failed`` with the error of a member whose loss went non-finite (the others
-    train on, unaffected).
+    epoch: int
+    weights: dict[str, Tensor]
+    metrics: dict[str, float]
+
+
+@dataclass
+class MemberOutcome:
+    """What one member's training produced: its per-epoch history (what a single run logs each
+    epoch), best-val and last snapshots, its own slice of the optimiser state, and the metrics
+    of its record; or the error that stopped it (``error`` is None when it finished)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "val": {...}, "train": {...}}
+    best: Snapshot | None = None
+    last: Snapshot | None = None
+    optimizer_state: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class PackFit:
+    """A trained pack: each member's outcome, and what the test pass needs."""
+
+    outcomes: list[MemberOutcome]
+    steps_per_epoch: int
+    epochs: int
+    pack: StudentPack
+    val_init: Tensor  # (N,) accuracy of the untrained students, a single run's val/acc_init
+
+
+def member_optimizer_state(optimizer: torch.optim.Optimizer, pack: StudentPack, i: int) -> dict[str, Any]:
+    """Student ``i``'s slice of the stacked optimiser, laid out as its own optimiser's ``state_dict``."""
+    state = {}
+    for j, p in enumerate(pack.parameters()):
+        state[j] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == pack.size
+                        else v.clone() if torch.is_tensor(v) else v)
+                    for k, v in optimizer.state.get(p, {}).items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(pack.parameters())))}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], temperature: Tensor, alpha: Tensor,
+               distils: Sequence[bool], datamodule: Any, teacher_logits: dict[str, Tensor],
+               optimizer_factory: Any, max_epochs: int, num_classes: int, teacher_test_acc: float,
+               progress: bool = False) -> PackFit:
+    """Train ``students`` together, each as :func:`kdexp.pipeline.run_experiment` would train it alone:
+    its own data order, T, α and optimiser slice, its best-val weights kept as ModelCheckpoint keeps them.
+
+    ``teacher_logits``: the cached teacher logits of every split, looked up by sample index.
+    ``distils[i]`` False: a CE-only member (its α is 0 and it logs no KD terms).
     """
-    import pytorch_lightning as pl
-
-    from kdexp.config import instantiate, objective_node
-    from kdexp.pipeline import apply_num_threads, get_teacher
-    from kdexp.teacher_source import get_teacher_outputs
-
-    base = cfgs[0]
-    apply_num_threads(base.get("num_threads"))
-    datamodule = instantiate(base.data)
-    datamodule.setup()
-    teacher = get_teacher(base, datamodule)
-    num_classes = int(base.data.num_classes)
-    students, objectives = [], []
-    for cfg in cfgs:  # seeded and built in the order run_experiment builds them
-        pl.seed_everything(int(cfg.seed), verbose=False)
-        objectives.append(instantiate(objective_node(cfg), what="kd"))
-        students.append(instantiate(cfg.student))
-    distils = [o.needs_teacher for o in objectives]
-    temperature = torch.tensor([float(getattr(o, "temperature", 1.0)) for o in objectives])
-    alpha = torch.tensor([float(o.alpha) if d else 0.0 for o, d in zip(objectives, distils)])  # α = 0: CE only
-    store, _ = get_teacher_outputs(base, datamodule, teacher, 0, objectives[0])
     pack = StudentPack(students)
-    optimizer = instantiate(base.optimizer)(pack.parameters())
+    optimizer = optimizer_factory(pack.parameters())
     train = datamodule.splits["train"]
-    seeds = [int(cfg.data.shuffle_seed) for cfg in cfgs]
-    teacher_logits = {split: store.splits[split].logits for split in ("val", "test")}
     val_init = accuracy(*evaluate(pack, datamodule.eval_batches("val")))
-    best_acc = torch.full((pack.size,), -1.0)
-    best_state: list[dict[str, Tensor] | None] = [None] * pack.size
-    epoch_means: dict[str, Tensor] = {}
-    val_logits, val_targets = None, None
-    for epoch in range(int(base.trainer.max_epochs)):
-        steps = train_epoch(pack, optimizer, train.x, train.y, store.splits["train"].logits, seeds, epoch,
+    outcomes = [MemberOutcome() for _ in students]
+    best_acc = [-1.0] * pack.size
+    steps_per_epoch = 0
+    epochs = range(max_epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"{pack.size} packed students", unit="epoch", leave=False)
+    for epoch in epochs:
+        steps = train_epoch(pack, optimizer, train.x, train.y, teacher_logits["train"], shuffle_seeds, epoch,
                             datamodule.batch_size, temperature, alpha, datamodule.batch_transform)
-        epoch_means = {"loss": torch.stack([s.loss for s in steps]).mean(0),
-                       **{name: torch.stack([s.terms[name] for s in steps]).mean(0) for name in steps[0].terms}}
+        steps_per_epoch = len(steps)
+        means = {"loss": torch.stack([s.loss for s in steps]).mean(0),
+                 **{name: torch.stack([s.terms[name] for s in steps]).mean(0) for name in steps[0].terms}}
         val_logits, val_targets = evaluate(pack, datamodule.eval_batches("val"))
-        acc = accuracy(val_logits, val_targets)
-        for i in torch.nonzero((acc > best_acc) & pack.active).flatten().tolist():  # strictly better, as ModelCheckpoint
-            best_acc[i], best_state[i] = acc[i], pack.state_dict(i)
-    test_last, test_targets = evaluate(pack, datamodule.eval_batches("test"))
-    results = []
-    for i, student in enumerate(students):
-        if i in pack.failures or best_state[i] is None:
-            results.append({"status": "failed", "error": pack.failures.get(i, "no finite validation epoch")})
-            continue
-        student.load_state_dict(best_state[i])
-        test_best, _ = evaluate(StudentPack([student]), datamodule.eval_batches("test"))
-        metrics = {f"val/{k}": v for k, v in member_metrics(val_logits[i], val_targets, teacher_logits["val"],
-                                                             num_classes).items()}
-        metrics.update({f"test/{k}": v for k, v in member_metrics(test_best[0], test_targets, teacher_logits["test"],
-                                                                   num_classes).items()})
-        metrics.update({f"test/{k}_last": v for k, v in member_metrics(test_last[i], test_targets,
-                                                                        teacher_logits["test"], num_classes).items()})
-        terms = ("loss", "loss_ce", "loss_kd") if distils[i] else ("loss", "loss_ce")
-        metrics.update({f"train/{name}": float(epoch_means[name][i]) for name in terms})
-        if distils[i]:
-            metrics.update({"train/temperature": float(temperature[i]), "train/alpha": float(alpha[i])})
-        metrics.update({"val/acc_best": float(best_acc[i]), "best_val_score": float(best_acc[i]),
-                        "val/acc_init": float(val_init[i]), "teacher/test_acc": teacher.test_acc})
-        results.append({"status": "finished", **metrics})
-    return results
+        for i, outcome in enumerate(outcomes):
+            if not bool(pack.active[i]):
+                outcome.error = outcome.error or pack.failures[i]
+                continue
+            val = {f"val/{k}": v for k, v in member_metrics(val_logits[i], val_targets, teacher_logits["val"],
+                                                            num_classes).items()}
+            improved = val["val/acc"] > best_acc[i]  # strictly better, as ModelCheckpoint decides
+            best_acc[i] = max(best_acc[i], val["val/acc"])
+            val["val/acc_best"] = best_acc[i]
+            names = ("loss", "loss_ce", "loss_kd") if distils[i] else ("loss", "loss_ce")
+            logged = {f"train/{name}": float(means[name][i]) for name in names}
+            if distils[i]:
+                logged.update({"train/temperature": float(temperature[i]), "train/alpha": float(alpha[i])})
+            outcome.history.append({"epoch": epoch, "val": val, "train": logged})
+            if improved:
+                outcome.best = Snapshot(epoch, pack.state_dict(i), {**logged, **val})
+    for i, outcome in enumerate(outcomes):
+        if outcome.error is None and outcome.history:
+            last = outcome.history[-1]
+            outcome.last = Snapshot(last["epoch"], pack.state_dict(i), {**last["train"], **last["val"]})
+            outcome.optimizer_state = member_optimizer_state(optimizer, pack, i)
+        elif outcome.error is None:
+            outcome.error = "no finite validation epoch"
+    return PackFit(outcomes, steps_per_epoch, max_epochs, pack, val_init)
+
+
+def test_pack(fit: PackFit, students: Sequence[nn.Module], datamodule: Any, teacher_logits: dict[str, Tensor],
+              num_classes: int, teacher_test_acc: float) -> None:
+    """Each finished member's record metrics: the last epoch's ``val/*`` and ``train/*``, ``test/*``
+    at its best-val weights and ``test/*_last`` at its last, as :func:`kdexp.pipeline.fit_and_test`."""
+    finished = [i for i, o in enumerate(fit.outcomes) if o.error is None]
+    if not finished:
+        return
+    test_last, test_targets = evaluate(fit.pack, datamodule.eval_batches("test"))
+    for i in finished:
+        students[i].load_state_dict(fit.outcomes[i].best.weights)
+    test_best, _ = evaluate(StudentPack([students[i] for i in finished]), datamodule.eval_batches("test"))
+    for row, i in enumerate(finished):
+        outcome = fit.outcomes[i]
+        test = member_metrics(test_best[row], test_targets, teacher_logits["test"], num_classes)
+        test_at_last = member_metrics(test_last[i], test_targets, teacher_logits["test"], num_classes)
+        outcome.metrics = {"val/acc_init": float(fit.val_init[i]), **outcome.last.metrics,
+                           **{f"test/{k}_last": v for k, v in test_at_last.items()},
+                           **{f"test/{k}": v for k, v in test.items()},
+                           "best_val_score": outcome.last.metrics["val/acc_best"], "teacher/test_acc": teacher_test_acc}
 
 
 # -- which grid points can share a pack ----------------------------------------------------
@@ -257,6 +309,18 @@ PACKABLE_OBJECTIVES = ("kdexp.objectives.HintonKD", "kdexp.objectives.hinton.Hin
 # these, Hinton's kd node and CE-only's are the same (the run-level cache settings); CE-only's
 # label smoothing is always 0 in a pack (why_not_packable), since the packed loss has none.
 PER_MEMBER_KEYS = ("seed", "data.shuffle_seed", "kd.temperature", "kd.alpha", "kd._target_", "kd.label_smoothing")
+
+
+# Optimisers whose update of each element depends on that element's gradient and state alone:
+# one over the stacked tensors equals one per student (weight decay and momentum included).
+PACKABLE_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
+# Trainer settings a pack reproduces; any other one set (limit_train_batches, max_steps,
+# val_check_interval, ...) changes the loop, and that run trains alone.
+PACKABLE_TRAINER = {"_target_": None, "accelerator": ("cpu",), "devices": (1, "1", "auto"), "max_epochs": None,
+                    "precision": ("32-true", "32", 32), "deterministic": None, "num_sanity_val_steps": None,
+                    "log_every_n_steps": None, "enable_progress_bar": None, "enable_model_summary": None,
+                    "gradient_clip_val": (None, 0, 0.0), "accumulate_grad_batches": (None, 1)}
+DEFAULT_CALLBACKS = {"best_checkpoint", "last_checkpoint"}
 
 
 def why_not_packable(cfg: Any) -> str | None:
@@ -271,9 +335,21 @@ def why_not_packable(cfg: Any) -> str | None:
         return "chains, extra teachers, init_from and predictions files run alone"
     if cfg.data.get("transfer_set") or any(node for node in (cfg.get("schedule") or {}).values()):
         return "transfer sets and schedules run alone"
-    accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    if cfg.get("scheduler") or cfg.trainer.get("gradient_clip_val") or accumulate != 1:
-        return "lr schedulers, gradient clipping and accumulation run alone (clipping would mix members)"
+    if cfg.data.get("augment") or str(cfg.kd.get("cache_teacher")).lower() == "false" or cfg.kd.get("cache_topk"):
+        return "packs read the full cached teacher outputs: augmented data, kd.cache_teacher=false and " \
+               "kd.cache_topk run alone"
+    if cfg.get("scheduler"):
+        return "lr schedulers run alone"
+    if str(cfg.optimizer.get("_target_")) not in PACKABLE_OPTIMIZERS:
+        return f"optimizer {cfg.optimizer.get('_target_')}: only Adam, AdamW and SGD (elementwise) pack"
+    for key, value in cfg.trainer.items():
+        if key not in PACKABLE_TRAINER:
+            if value is not None:
+                return f"trainer.{key} runs alone (a pack reproduces the default training loop only)"
+        elif PACKABLE_TRAINER[key] is not None and value not in PACKABLE_TRAINER[key]:
+            return f"trainer.{key}={value} runs alone (gradient clipping would mix members; packs train on the CPU)"
+    if set((cfg.get("callbacks") or {}).keys()) - DEFAULT_CALLBACKS:
+        return "extra callbacks (early stopping, ...) run alone: a pack keeps best.ckpt and last.ckpt only"
     return None
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,8 +140,9 @@ def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int =
     return points
 
 
-def check_points(points: list[GridPoint]) -> None:
+def check_points(points: list[GridPoint]) -> list[Any]:
     """Compose and validate every grid point before anything runs; one message lists all that fail.
+    Returns the composed configs, in the order of ``points``.
 
     Catches what would otherwise abort the multirun at its first bad job (an option
     that does not exist, ``kd: hintn``) or fail each run on its own (``kd.temperature=-1``).
@@ -152,6 +155,7 @@ def check_points(points: list[GridPoint]) -> None:
     from kdexp.validation import validate_config
 
     problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
+    composed = []
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         for point in points:
@@ -161,6 +165,7 @@ def check_points(points: list[GridPoint]) -> None:
                 with open_dict(cfg):
                     cfg.choices = _choices_of(point)
                 validate_config(cfg)
+                composed.append(cfg)
             except Exception as err:  # Hydra's composition errors and kdexp's ConfigError alike
                 message = " ".join(str(err).split()).split(" Config search path")[0]
                 problems.setdefault(message[:400], []).append(point)
@@ -171,6 +176,7 @@ def check_points(points: list[GridPoint]) -> None:
                  for message, hit in problems.items()]
         raise ConfigError(f"{failing} of {len(points)} runs cannot start; nothing was run. Fix the sweep file or "
                           "the overrides:\n" + "\n".join(lines))
+    return composed
 
 
 def _choices_of(point: GridPoint) -> dict[str, str]:
@@ -267,14 +273,18 @@ def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint])
     return "\n".join([head, *failures]), counts
 
 
-def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool) -> str:
-    """One line per run: what a real invocation would do with it."""
+def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool, plan: PackPlan | None = None) -> str:
+    """One line per run: what a real invocation would do with it (with ``--pack``: in which pack)."""
     finished = finished_points(sweep_dir)
+    where = plan.where() if plan is not None else {}
     lines = []
     for i, point in enumerate(points):
         action = "run" if point not in finished else "rerun (archive finished)" if force else "skip (finished)"
-        lines.append(f"{i:4d}  {action:24s} {' '.join(point)}")
-    return "\n".join(lines + [f"{len(points)} runs in {sweep_dir}"])
+        if action != "skip (finished)" and plan is not None:
+            action += f", {where.get(i, 'alone')}"
+        lines.append(f"{i:4d}  {action:34s} {' '.join(point)}")
+    tail = [plan.summary()] if plan is not None else []
+    return "\n".join(lines + tail + [f"{len(points)} runs in {sweep_dir}"])
 
 
 def _die_with_parent() -> None:
@@ -287,30 +297,53 @@ def _die_with_parent() -> None:
         pass  # not Linux: Ctrl-C and SIGTERM are still forwarded by run_local
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
-    """SIGTERM the multirun's process group (runs save last.ckpt and record ``interrupted``), then SIGKILL."""
+def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """SIGTERM each child's process group (runs save last.ckpt and record ``interrupted``), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                continue
+        if all(proc.poll() is not None for proc in procs):
             return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A child in its own process group, which gets SIGTERM if this process dies."""
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> int:
+    """The largest exit code of ``procs``; on Ctrl-C (or SIGTERM here) all of them are stopped first."""
+    try:
+        return max([proc.wait() for proc in procs], default=0)
+    except KeyboardInterrupt:
+        print("\nkdexp sweep: interrupted; stopping the runs (each saves its progress) ...", flush=True)
+        _stop_groups(procs)
+        raise
 
 
 def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sweep_dir: Path, jobs: int = 1,
-              force: bool = False, launcher: str = "local") -> int:
+              force: bool = False, launcher: str = "local", plan: PackPlan | None = None) -> int:
     """Run the grid (``points``, from :func:`grid`) as one Hydra multirun; returns 0 when every run finished.
 
-    The multirun runs in its own process group, and Ctrl-C, SIGTERM or the death of
-    this process stop all of it: no run keeps training after its sweep is gone.
+    With a ``plan`` (``--pack N``), its packs train first in ``jobs`` worker processes, and the
+    multirun then trains only the points that run alone (or that no pack trained).
+    The children run in their own process groups, and Ctrl-C, SIGTERM or the death of
+    this process stop all of them: no run keeps training after its sweep is gone.
     Interrupted runs record ``interrupted`` and resume when the sweep is run again.
     """
     command = multirun_command(spec, sweep_dir, overrides, jobs, launcher)
     print(f"kdexp sweep {spec.name}: {len(points)} runs, {jobs} worker(s) → {sweep_dir}", flush=True)
+    if plan is not None:
+        print(plan.summary(), flush=True)
     print("  " + " ".join(command[1:]), flush=True)
     for path in unreadable_records(sweep_dir):
         print(f"  unreadable record {path}: that run is run again (its old files are archived first)", flush=True)
@@ -321,16 +354,29 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
         raise KeyboardInterrupt
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    proc = subprocess.Popen(command, env=worker_env(jobs, "rerun" if force else "skip"), start_new_session=True,
-                            preexec_fn=_die_with_parent)
     interrupted = False
+    returncode = 0
     try:
-        returncode = proc.wait()
+        env = worker_env(jobs, "rerun" if force else "skip")
+        if plan is not None and plan.packs:
+            returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force)
+            records = collect(sweep_dir)
+            left = [points[i] for i in plan.alone] + [
+                points[i] for pack in plan.packs for i in pack
+                if records.get(points[i], (None, {}))[1].get("status") not in ("finished", "failed")]
+            selection = sweep_dir / f".selection-{os.getpid()}.json"
+            from kdexp.files import atomic_write_text
+
+            atomic_write_text(selection, json.dumps([list(point) for point in left]), what="sweep selection")
+            env[SELECTION_ENV] = str(selection)
+            if left:
+                print(f"  {len(left)} run(s) outside the packs: one Hydra multirun", flush=True)
+                returncode = max(returncode, _wait_all([_start(command, env)]))
+            selection.unlink(missing_ok=True)
+        else:
+            returncode = _wait_all([_start(command, env)])
     except KeyboardInterrupt:
         interrupted = True
-        print("\nkdexp sweep: interrupted; stopping the runs (each saves its progress) ...", flush=True)
-        _stop_group(proc)
-        returncode = proc.returncode
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     text, counts = summarize(points, sweep_dir, skipped)
@@ -341,6 +387,97 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
     if returncode != 0:
         print(f"  the multirun itself exited with code {returncode}", flush=True)
     return 0 if returncode == 0 and counts["failed"] == counts["missing"] == 0 else 1
+
+
+# -- packed grids: --pack N ------------------------------------------------------------
+# A file listing the grid points the multirun trains after the packs; it skips the others.
+SELECTION_ENV = "KDEXP_SWEEP_SELECTION"
+
+
+def left_to_packs(overrides: list[str]) -> bool:
+    """In a multirun job: this grid point belongs to a pack of a ``--pack`` sweep, not to the multirun."""
+    path = os.environ.get(SELECTION_ENV)
+    if not path:
+        return False
+    selected = {tuple(point) for point in json.loads(Path(path).read_text())}
+    return tuple(sorted(overrides)) not in selected
+
+
+@dataclass
+class PackPlan:
+    """Which grid points (by index) train together, and which run alone and why."""
+
+    size: int
+    packs: list[list[int]] = field(default_factory=list)
+    alone: dict[int, str] = field(default_factory=dict)
+
+    def where(self) -> dict[int, str]:
+        out = {i: f"pack {k + 1} of {len(self.packs)}" for k, pack in enumerate(self.packs) for i in pack}
+        out.update({i: "alone" for i in self.alone})
+        return out
+
+    def summary(self) -> str:
+        packed = sum(len(pack) for pack in self.packs)
+        lines = [f"  --pack {self.size}: {packed} run(s) in {len(self.packs)} pack(s), {len(self.alone)} alone"]
+        for why, n in Counter(self.alone.values()).items():
+            lines.append(f"    alone ({n}): {why}")
+        return "\n".join(lines)
+
+
+def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: int, force: bool) -> PackPlan:
+    """Group the points that still have to run into packs of up to ``size`` (see
+    :func:`kdexp.packed.pack_groups`); a killed single run resumes alone, and a point with no
+    partner runs alone (a pack of one shares nothing)."""
+    from kdexp.packed import pack_groups
+    from kdexp.run_folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
+
+    records = collect(sweep_dir)
+    plan = PackPlan(size)
+    todo = []
+    for i, point in enumerate(points):
+        folder, record = records.get(point, (None, {}))
+        status = record.get("status")
+        if status == "finished" and not force:
+            continue
+        if status in RESUMABLE_STATUSES and folder is not None and (folder / LAST_CHECKPOINT).is_file():
+            plan.alone[i] = "a killed run resumes from its checkpoint"
+            continue
+        todo.append(i)
+    groups, alone = pack_groups([cfgs[i] for i in todo], size)
+    plan.alone.update({todo[j]: why for j, why in alone.items()})
+    for group in groups:
+        if len(group) == 1:
+            plan.alone[todo[group[0]]] = "no other point shares its settings"
+        else:
+            plan.packs.append([todo[j] for j in group])
+    return plan
+
+
+def job_overrides(spec: SweepSpec, overrides: list[str], point: GridPoint) -> list[str]:
+    """The point's overrides in the order the multirun hands them to its job (the axes' order)."""
+    values = dict(item.split("=", 1) for item in point)
+    return [f"{key}={values[key]}" for key in sweep_axes(spec, overrides) if key in values]
+
+
+def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], plan: PackPlan, sweep_dir: Path,
+              jobs: int, force: bool) -> int:
+    """Queue the plan's packs and train them in ``jobs`` worker processes (``python -m kdexp.packed_runs``)."""
+    import shutil
+
+    from kdexp.packed_runs import write_queue
+
+    hydra_overrides = [f"{key}={values[0]}" for key, values in sweep_axes(spec, overrides).items()
+                       if key.startswith("hydra.") and not key.startswith("hydra.launcher") and len(values) == 1]
+    queue = sweep_dir / f".packs-{os.getpid()}"
+    write_queue(queue, [{"sweep_dir": str(sweep_dir), "if_finished": "rerun" if force else "skip",
+                         "hydra_overrides": hydra_overrides,
+                         "jobs": [job_overrides(spec, overrides, points[i]) for i in pack]} for pack in plan.packs])
+    workers = min(jobs, len(plan.packs))
+    command = [sys.executable, "-m", "kdexp.packed_runs", str(queue)]
+    try:
+        return _wait_all([_start(command, worker_env(jobs, "skip")) for _ in range(workers)])
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)
 
 
 def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:

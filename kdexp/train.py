@@ -31,8 +31,9 @@ from kdexp.config import to_plain
 from kdexp.console import configure_console
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.files import atomic_write_text
-from kdexp.records import RECORD_NAME, RunRecorder
+from kdexp.records import RECORD_NAME, RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder, lock_folder
+from kdexp.sweep import left_to_packs
 from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
 
 log = logging.getLogger("kdexp")
@@ -129,6 +130,9 @@ def run(cfg: DictConfig) -> dict:
     configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    if left_to_packs(list(cfg.get("overrides") or [])):  # kdexp sweep --pack trained (or trains) this point
+        log.debug("Leaving %s to its pack.", output_dir)
+        return read_record(output_dir) or {}
     with log_file_held_back(output_dir):
         try:
             validate_config(cfg)
@@ -146,7 +150,12 @@ def run(cfg: DictConfig) -> dict:
             run_experiment(cfg, recorder, resume_from=claim.checkpoint)
     finally:
         claim.release()
-    record = recorder.record
+    announce_finished(recorder.record, output_dir)
+    return recorder.record
+
+
+def announce_finished(record: dict[str, Any], output_dir: Path) -> None:
+    """The result line of a finished run: its test accuracies, the teacher's, and where the record is."""
     metrics = record["metrics"]
     wandb_url = (record.get("wandb") or {}).get("url")  # online runs only
     log.info(
@@ -155,7 +164,6 @@ def run(cfg: DictConfig) -> dict:
         f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
         output_dir / RECORD_NAME, f" | W&B: {wandb_url}" if wandb_url else "",
     )
-    return record
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
