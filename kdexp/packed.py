@@ -142,7 +142,7 @@ def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, 
         broken = ~torch.isfinite(loss.detach()) & pack.active  # one host sync per step, as a single run's check
         for i in torch.nonzero(broken).flatten().tolist():
             batch = start // batch_size
-            detail = ", ".join(f"{k}={float(v[i]):.4g}" for k, v in terms.items())
+            detail = ", ".join(f"{k}={float(v[i].detach()):.4g}" for k, v in terms.items())
             pack.fail(i, f"training loss became {float(loss[i].detach())} at global step {epoch * batches + batch} "
                          f"(epoch {epoch}, batch {batch}); terms: {detail}. Lower optimizer.lr, check the inputs, "
                          "or set trainer.gradient_clip_val.", optimizer)

@@ -3,34 +3,122 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 
-from conftest import compose_config
+from conftest import compose_config, load_record, records_in, run_cli
 from kdexp.models import MLP
 from kdexp.objectives.base import ModelOutputs
 from kdexp.objectives.hinton import HintonKD
-from kdexp.packed import StudentPack, epoch_order, fit_pack, pack_groups, packed_hinton_terms, train_epoch
+from kdexp.packed import StudentPack, epoch_order, pack_groups, packed_hinton_terms, train_epoch
+from kdexp.packed_runs import job_configs, run_pack
 from kdexp.train import run
 
-BASE = ["data=mnist1d", "student=mlp", "student.width=64", "trainer.max_epochs=3", "teacher.max_epochs=20",
-        "logger=none"]
+BASE = ["data=mnist1d", "student=mlp", "student.width=64", "trainer.max_epochs=3", "teacher.max_epochs=20"]
 POINTS = [(1, 4.0, 0.9), (2, 4.0, 0.9), (1, 2.0, 0.5), (2, 2.0, 0.5)]  # two seeds × two (T, α)
+SETTINGS = [[f"seed={s}", f"kd.temperature={t}", f"kd.alpha={a}"] for s, t, a in POINTS] + [["kd=none", "seed=2"]]
 
 
-def test_a_pack_of_four_kd_students_and_a_ce_only_one_equals_each_trained_alone(tmp_path):
-    settings = [[f"seed={s}", f"kd.temperature={t}", f"kd.alpha={a}"] for s, t, a in POINTS] + [["kd=none", "seed=2"]]
-    alone = [run(compose_config([*BASE, *point, f"paths.output_dir={tmp_path / str(i)}"], tmp_path))["metrics"]
-             for i, point in enumerate(settings)]
-    packed = fit_pack([compose_config([*BASE, *point], tmp_path) for point in settings])
-    assert len({round(m["train/loss"], 3) for m in alone}) == 5  # five different runs, not one repeated
+# Counted metrics (accuracy, agreement) must agree exactly; the others within float tolerance: a batched
+# (vmapped) matrix product sums in another order than a single one, and 100 Adam steps carry ~1e-6
+# differences in the weights into the 5th digit of a loss or a binned calibration error.
+COUNTED = ("acc", "acc_last", "acc_best", "acc_init", "agreement", "agreement_last", "best_val_score", "test_acc")
+
+
+def assert_same_metrics(mine: dict, theirs: dict) -> None:
+    assert set(mine) == set(theirs)  # every metric key of a single run's record
+    for key, value in theirs.items():
+        tolerance = {"abs": 1e-9} if key.endswith(COUNTED) else {"rel": 2e-4, "abs": 1e-6}
+        assert mine[key] == pytest.approx(value, **tolerance), key
+
+
+@pytest.fixture(scope="module")
+def alone_and_packed(tmp_path_factory):
+    """Four Hinton students (two seeds × two (T, α)) and a CE-only one, each trained alone by
+    ``kdexp train`` and, separately, all five as one pack; W&B offline for both."""
+    base = tmp_path_factory.mktemp("packed")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(base),
+                           "KDEXP_CACHE_DIR": str(base / "cache")}.items():
+            env.setenv(key, value)
+        env.chdir(base)  # a job's paths.root_dir is the working directory, as under `kdexp sweep`
+        alone = [run(compose_config([*BASE, *point, f"paths.output_dir={base / 'alone' / str(i)}"], base))
+                 for i, point in enumerate(SETTINGS)]
+        statuses = run_pack(job_configs(base / "packed", [[*BASE, *point] for point in SETTINGS]))
+    packed = [load_record(folder) for folder in statuses]
+    return base, alone, packed
+
+
+def test_a_pack_of_four_kd_students_and_a_ce_only_one_equals_each_trained_alone(alone_and_packed):
+    _, alone, packed = alone_and_packed
+    assert len({round(r["metrics"]["train/loss"], 3) for r in alone}) == 5  # five different runs, not one repeated
     for single, member in zip(alone, packed):
         assert member["status"] == "finished"
-        assert set(member) - {"status"} == set(single)  # the keys a single run's record holds, all of them
-        for key, value in single.items():  # and their values: accuracies exactly, losses and calibration closely
-            assert member[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert_same_metrics(member["metrics"], single["metrics"])
+
+
+def test_a_packed_record_holds_what_a_single_runs_record_holds(alone_and_packed):
+    _, alone, packed = alone_and_packed
+    for index, (single, member) in enumerate(zip(alone, packed)):
+        assert set(member) - set(single) == {"packed"} and set(single) <= set(member)
+        for key in ("run_name", "job_type", "objective", "parameters", "epochs", "global_steps", "seed", "task",
+                    "data_fingerprint", "data_sizes", "lineage", "route", "choices"):
+            assert member[key] == single[key], key
+        assert member["teacher"]["hash"] == single["teacher"]["hash"]
+        assert set(member["timings_s"]) == set(single["timings_s"])
+        assert member["packed"]["size"] == 5 and member["packed"]["index"] == index
+        assert member["overrides"] == [o for o in single["overrides"] if not o.startswith("paths.")]
+
+
+def test_packed_checkpoints_hold_the_weights_and_epochs_a_single_run_saves(alone_and_packed):
+    _, alone, packed = alone_and_packed
+    for single, member in zip(alone, packed):
+        for name in ("best", "last"):
+            mine = torch.load(member["checkpoints"][name], weights_only=True)
+            theirs = torch.load(single["checkpoints"][name], weights_only=True)
+            assert (mine["epoch"], mine["global_step"]) == (theirs["epoch"], theirs["global_step"]), name
+            assert set(mine["state_dict"]) == set(theirs["state_dict"])
+            for key, tensor in theirs["state_dict"].items():  # the same weights, to float noise amplified by
+                # training (a ReLU unit that flips on one sample moves its row by ~lr): relative size < 1 %
+                assert (mine["state_dict"][key] - tensor).norm() <= 1e-2 * tensor.norm(), (name, key)
+            assert set(mine["kdexp"]["metrics"]) == set(theirs["kdexp"]["metrics"])
+        last = torch.load(member["checkpoints"]["last"], weights_only=True)
+        assert last["optimizer_states"][0]["state"][0]["exp_avg"].shape == last["state_dict"]["model.stage1.0.weight"].shape
+
+
+def test_a_packed_students_wandb_run_is_the_one_its_single_run_logs(alone_and_packed):
+    from wandb_file import read_run
+
+    _, alone, packed = alone_and_packed
+    for single, member in zip(alone, packed):
+        mine, theirs = read_run(member["output_dir"]), read_run(single["output_dir"])
+        for key in ("name", "group", "job_type", "tags", "config_keys", "exit_code"):
+            assert mine[key] == theirs[key], key
+        assert [sorted(row) for row in mine["history"]] == [sorted(row) for row in theirs["history"]]
+        for row_mine, row_theirs in zip(mine["history"], theirs["history"]):
+            for key in ("epoch", "trainer/global_step"):
+                assert row_mine.get(key) == row_theirs.get(key), key
+            assert_same_metrics({k: float(v) for k, v in row_mine.items()}, {k: float(v) for k, v in row_theirs.items()})
+
+
+def test_a_member_whose_loss_goes_nan_fails_its_own_record_and_the_others_finish_as_alone(alone_and_packed):
+    base, alone, _ = alone_and_packed
+    points = [SETTINGS[0], ["seed=1", "kd.temperature=1e-40", "kd.alpha=0.9"], SETTINGS[2]]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KDEXP_CACHE_DIR", str(base / "cache"))
+        env.chdir(base)
+        statuses = run_pack(job_configs(base / "nan", [[*BASE, *point] for point in points]))
+    records = [load_record(folder) for folder in statuses]
+    assert [r["status"] for r in records] == ["finished", "failed", "finished"]
+    assert records[1]["error"]["type"] == "NonFiniteLossError"
+    assert "training loss became nan at global step 0 (epoch 0, batch 0)" in records[1]["error"]["message"]
+    assert "checkpoints" not in records[1]
+    for member, single in ((records[0], alone[0]), (records[2], alone[2])):
+        assert_same_metrics(member["metrics"], single["metrics"])
 
 
 def test_the_packed_loss_is_each_students_hinton_loss():
@@ -103,7 +191,7 @@ def test_a_member_whose_loss_goes_nan_fails_alone_and_the_others_train_on_unchan
             train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 16, *settings)
         results[with_broken] = pack
     broken, clean = results[True], results[False]
-    assert list(broken.failures) == [1] and "training loss became nan at epoch 0, batch 0" in broken.failures[1]
+    assert list(broken.failures) == [1] and "training loss became nan at global step 0 (epoch 0, batch 0)" in broken.failures[1]
     for mine, theirs in ((0, 0), (2, 1)):  # the healthy members equal a pack that never held the broken one
         for name, tensor in clean.state_dict(theirs).items():
             assert torch.allclose(broken.state_dict(mine)[name], tensor, atol=1e-6), (mine, name)
@@ -121,3 +209,49 @@ def test_grid_points_pack_by_everything_but_seed_temperature_and_alpha(tmp_path)
     assert sorted(i for pack in packs for i in pack) == list(range(13))  # 12 Hinton points + the CE-only one
     assert max(len(p) for p in packs) == 4 and len(packs) == 4  # width 64: 7 points → 4 + 3; width 128: 6 → 4 + 2
     assert set(alone) == {13, 14} and "Hinton KD and CE-only" in alone[13] and "chains" in alone[14]
+
+
+def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
+    """An lr schedule cannot pack: those points run in the multirun after the pack, the others in it."""
+    sweep = tmp_path / "mixed.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "mixed", "method": "grid", "parameters": {
+        "experiment": {"value": "digits_smoke"}, "kd.temperature": {"value": 4}, "seed": {"values": [1, 2]},
+        "scheduler": {"values": ["none", "cosine"]}, "student.width": {"value": 16},
+        "trainer.max_epochs": {"value": 2}, "teacher.max_epochs": {"value": 2}, "logger": {"value": "csv"}}}))
+    dry = run_cli(["sweep", str(sweep), "--pack", "4", "--dry-run", "--dir", str(tmp_path / "out")],
+                  tmp_path / "cache", module="kdexp.cli")
+    assert "--pack 4: 2 run(s) in 1 pack(s), 2 alone" in dry.stdout and "alone (2): lr schedulers" in dry.stdout
+    proc = run_cli(["sweep", str(sweep), "--pack", "4", "--dir", str(tmp_path / "out")], tmp_path / "cache",
+                   module="kdexp.cli")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 runs — 4 finished" in proc.stdout and "2 run(s) outside the packs" in proc.stdout
+    records = records_in(tmp_path / "out")
+    assert sorted("packed" in r for r in records) == [False, False, True, True]
+    for record in records:  # the packed ones are the ones without a schedule
+        assert ("packed" in record) == (not record["config"].get("scheduler"))
+        assert record["status"] == "finished" and (Path(record["output_dir"]) / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("scheduler=cosine", "lr schedulers"),
+    ("+trainer.limit_train_batches=3", "trainer.limit_train_batches"),
+    ("+trainer.gradient_clip_val=1.0", "gradient clipping would mix members"),
+    ("optimizer._target_=torch.optim.RMSprop", "only Adam, AdamW and SGD"),
+    ("kd.cache_teacher=false", "cached teacher outputs"),
+    ("+callbacks.early_stop={_target_:pytorch_lightning.callbacks.EarlyStopping,monitor:val/acc}", "extra callbacks"),
+    ("student=cnn1d", "only MLP students"),
+])
+def test_points_that_a_pack_cannot_reproduce_run_alone_and_say_why(tmp_path, override, reason):
+    from kdexp.packed import why_not_packable
+
+    assert why_not_packable(compose_config(["data=mnist1d"], tmp_path)) is None
+    assert reason in why_not_packable(compose_config(["data=mnist1d", override], tmp_path))
+
+
+def test_pack_options_that_cannot_work_are_refused_before_anything_runs(capsys):
+    from kdexp.cli import main
+
+    assert main(["sweep", "sweeps/smoke.yaml", "--pack", "1"]) == 2
+    assert "--pack must be >= 2" in capsys.readouterr().err
+    assert main(["sweep", "sweeps/smoke.yaml", "--pack", "4", "--wandb"]) == 2
+    assert "does not combine with --wandb" in capsys.readouterr().err

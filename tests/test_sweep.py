@@ -45,6 +45,33 @@ def test_local_sweep_runs_the_whole_grid(smoke):
     assert {r["config"]["group"] for r in records} == {"smoke"}
 
 
+def test_a_packed_sweep_is_invisible_in_its_records_and_its_report(smoke, tmp_path):
+    """The smoke grid again with --pack 8: same runs, same folders, same numbers, the same report."""
+    base, _ = smoke
+    proc = sweep_cli([str(SMOKE), *FAST, "--pack", "8", "--jobs", "2", "--dir", str(base / "packed")], base / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--pack 8: 16 run(s) in 2 pack(s), 0 alone" in proc.stdout
+    assert "16 runs — 16 finished, 0 skipped (already finished), 0 failed, 0 missing" in proc.stdout
+    alone = {p.parent.name: load_record(p.parent) for p in (base / "smoke").glob("*/run_record.json")}
+    packed = {p.parent.name: load_record(p.parent) for p in (base / "packed").glob("*/run_record.json")}
+    assert set(packed) == set(alone) and len(packed) == 16  # the same folder names
+    for name, record in packed.items():
+        assert record["packed"]["size"] == 8 and record["run_name"] == alone[name]["run_name"]
+        assert record["overrides"] == alone[name]["overrides"]
+        for key, value in alone[name]["metrics"].items():
+            tolerance = {"abs": 1e-9} if "acc" in key or "agreement" in key else {"rel": 2e-4, "abs": 1e-6}
+            assert record["metrics"][key] == pytest.approx(value, **tolerance), (name, key)
+    reports = []
+    for folder in ("smoke", "packed"):
+        out = run_cli(["report", str(base / folder), "--csv", str(tmp_path / f"{folder}.csv")], base / "cache",
+                      module="kdexp.cli")
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports.append((out.stdout, (tmp_path / f"{folder}.csv").read_text()))
+    assert reports[0] == reports[1] and "± " in reports[0][0]
+    again = sweep_cli([str(SMOKE), *FAST, "--pack", "8", "--dir", str(base / "packed")], base / "cache")
+    assert "16 runs — 0 finished, 16 skipped (already finished)" in again.stdout  # nothing trained twice
+
+
 def test_wandb_sweep_and_local_sweep_expand_to_the_same_runs(smoke):
     base, _ = smoke
     spec = load_sweep(SMOKE)
