@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", type=int, nargs="+", default=None, metavar="N",
                    help="also time packed training (N Hinton students in one vmapped step) for these pack sizes "
                         "against one-at-a-time kdexp epochs (e.g. --pack 1 2 4 8 16)")
+    p.add_argument("--pack-sweep", type=int, nargs="+", default=None, metavar="N",
+                   help="time whole `kdexp sweep` runs of hinton_grid at each width, one by one and with --pack N "
+                        "(e.g. 2 4 8 16), and compare their numbers")
+    p.add_argument("--seeds", type=int, default=4, help="--pack-sweep: seeds per grid (4 T x alpha points each)")
+    p.add_argument("--jobs", type=int, default=2, help="--pack-sweep: the sweeps' --jobs (default 2)")
+    p.add_argument("--sweep-epochs", type=int, default=None, help="--pack-sweep: trainer.max_epochs (default: 100)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     return p
 
@@ -329,6 +335,68 @@ def whole_sweep(overrides: list[str]) -> dict[str, float]:
             "kd grid / (1.15 x CE runs + teacher)": grid / (1.15 * ce_only + teacher)}
 
 
+def packed_sweeps(widths: list[int], sizes: list[int], seeds: int, jobs: int, epochs: int | None
+                  ) -> list[dict[str, Any]]:
+    """Whole ``kdexp sweep`` processes of ``sweeps/hinton_grid.yaml`` at one width (T ∈ {2, 4} × α ∈
+    {0.5, 0.9} × ``seeds`` seeds), one by one and with ``--pack N``, on the same ``--jobs``; the teacher
+    is trained and its outputs cached before the clock starts. Every packed run's metrics are compared
+    with its unpacked run's."""
+    grid_file = Path(__file__).resolve().parent.parent / "sweeps" / "hinton_grid.yaml"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "KDEXP_CACHE_DIR": f"{folder}/cache"}
+        extra = [f"trainer.max_epochs={epochs}"] if epochs else []
+        warm = subprocess.run([sys.executable, "-m", "kdexp.train", "data=mnist1d", "teacher=cnn1d", "student=mlp",
+                               "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={folder}/warm"],
+                              env=env, capture_output=True, text=True)
+        if warm.returncode != 0:
+            raise SystemExit(f"kdexp bench: the warm-up run failed:\n{warm.stderr[-2000:]}")
+        for width in widths:
+            axes = [f"student.width={width}", "kd.temperature=2,4", "kd.alpha=0.5,0.9",
+                    "seed=" + ",".join(str(s) for s in range(1, seeds + 1)), *extra]
+            runs = 4 * seeds
+            row: dict[str, Any] = {"width": width, "runs": runs, "jobs": jobs, "epochs": epochs or 100, "wall_s": {},
+                                   "max_abs_diff": {}}
+            reference: dict[str, dict[str, float]] = {}
+            for size in [1, *sizes]:
+                out = Path(folder) / f"w{width}-p{size}"
+                command = [sys.executable, "-m", "kdexp.cli", "sweep", str(grid_file), *axes, "--jobs", str(jobs),
+                           "--dir", str(out), *(["--pack", str(size)] if size > 1 else [])]
+                print(f"  width {width}, {'one by one' if size == 1 else f'--pack {size}'} ...", file=sys.stderr)
+                start = time.perf_counter()
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                row["wall_s"][size] = time.perf_counter() - start
+                if done.returncode != 0:
+                    raise SystemExit(f"kdexp bench: the sweep failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+                metrics = {p.parent.name: json.loads(p.read_text())["metrics"] for p in out.glob("*/run_record.json")}
+                if size == 1:
+                    reference = metrics
+                else:
+                    row["max_abs_diff"][size] = {key: max(abs(metrics[run][key] - reference[run][key])
+                                                          for run in reference)
+                                                 for key in ("test/acc", "test/acc_last", "val/acc_best", "test/nll")}
+            row["runs_per_minute"] = {size: 60 * runs / wall for size, wall in row["wall_s"].items()}
+            row["speed-up"] = {size: row["wall_s"][1] / wall for size, wall in row["wall_s"].items()}
+            rows.append(row)
+    return rows
+
+
+def format_packed_sweeps(rows: list[dict[str, Any]]) -> str:
+    sizes = list(rows[0]["wall_s"])
+    head = "| width | runs | " + " | ".join("one by one" if n == 1 else f"--pack {n}" for n in sizes) + \
+           " | largest difference (test/acc, val/acc_best, test/nll) |"
+    lines = [head, "|---:|---:|" + "---:|" * len(sizes) + "---|"]
+    for row in rows:
+        cells = [f"{row['wall_s'][n]:.0f} s, {row['runs_per_minute'][n]:.1f} runs/min"
+                 + (f" ({row['speed-up'][n]:.2f}×)" if n != 1 else "") for n in sizes]
+        worst = {key: max(d[key] for d in row["max_abs_diff"].values()) for key in ("test/acc", "val/acc_best",
+                                                                                     "test/nll")} \
+            if row["max_abs_diff"] else {}
+        diff = ", ".join(f"{v:.2g}" for v in worst.values()) or "–"
+        lines.append(f"| {row['width']} | {row['runs']} | " + " | ".join(cells) + f" | {diff} |")
+    return "\n".join(lines)
+
+
 # -- output --------------------------------------------------------------------------------
 def format_epochs(rows: list[dict[str, Any]]) -> str:
     names = [("ce", "(i) kdexp CE"), ("kd_online", "(ii) kdexp KD online"), ("kd_cached", "(iii) kdexp KD cached"),
@@ -362,7 +430,14 @@ def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)  # the tables, not Lightning's per-fit banners
     results: dict[str, Any] = {"command": "kdexp bench " + " ".join(argv)}
-    if args.pack:
+    if args.pack_sweep:
+        print(f"Timing whole sweeps one by one and packed ({args.pack_sweep}), widths {args.widths} ...",
+              file=sys.stderr)
+        results["packed_sweeps"] = packed_sweeps(args.widths, args.pack_sweep, args.seeds, args.jobs,
+                                                 args.sweep_epochs)
+        print("\nWhole sweeps of hinton_grid (wall time of `kdexp sweep`, runs per minute, speed-up over one by "
+              "one):\n" + format_packed_sweeps(results["packed_sweeps"]))
+    elif args.pack:
         print(f"Timing packed training (pack sizes {args.pack}, widths {args.widths}) against one student at a "
               "time ...", file=sys.stderr)
         results["pack"] = pack_table(args.overrides, args.widths, args.pack, args.repeats, args.epochs)

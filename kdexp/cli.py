@@ -65,7 +65,7 @@ def sweep_main(argv: list[str]) -> int:
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
     cfgs = sweep.check_points(points)  # every point composes and validates, or nothing runs
-    plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force) if args.pack else None
+    plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
     if args.dry_run:
         print(sweep.dry_run(points, sweep_dir, args.force, plan))
         return 0

@@ -373,9 +373,14 @@ def packing_key(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pack_groups(cfgs: Sequence[Any], size: int) -> tuple[list[list[int]], dict[int, str]]:
-    """Grid points (by position) grouped into packs of at most ``size`` that share a packing key,
-    in grid order; and the points that run alone, with why."""
+def pack_groups(cfgs: Sequence[Any], size: int, workers: int = 1) -> tuple[list[list[int]], dict[int, str]]:
+    """Grid points (by position) grouped into packs of at most ``size`` that share a packing key, in
+    grid order; and the points that run alone, with why.
+
+    A group is split evenly (9 points at ``size`` 8 are packs of 4 and 5, not 8 and a lone 1), and
+    into at least ``workers`` packs where it has two points per worker: a pack never leaves a
+    worker idle while another trains twice its share.
+    """
     alone: dict[int, str] = {}
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
@@ -384,5 +389,9 @@ def pack_groups(cfgs: Sequence[Any], size: int) -> tuple[list[list[int]], dict[i
             alone[i] = reason
         else:
             by_key.setdefault(packing_key(cfg), []).append(i)
-    packs = [members[j:j + size] for members in by_key.values() for j in range(0, len(members), size)]
+    packs = []
+    for members in by_key.values():
+        count = max(-(-len(members) // size), min(workers, len(members) // 2))
+        bounds = [round(k * len(members) / count) for k in range(count + 1)]
+        packs += [members[a:b] for a, b in zip(bounds, bounds[1:])]
     return packs, alone

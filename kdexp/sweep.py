@@ -424,7 +424,8 @@ class PackPlan:
         return "\n".join(lines)
 
 
-def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: int, force: bool) -> PackPlan:
+def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: int, force: bool,
+               workers: int = 1) -> PackPlan:
     """Group the points that still have to run into packs of up to ``size`` (see
     :func:`kdexp.packed.pack_groups`); a killed single run resumes alone, and a point with no
     partner runs alone (a pack of one shares nothing)."""
@@ -443,7 +444,7 @@ def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: 
             plan.alone[i] = "a killed run resumes from its checkpoint"
             continue
         todo.append(i)
-    groups, alone = pack_groups([cfgs[i] for i in todo], size)
+    groups, alone = pack_groups([cfgs[i] for i in todo], size, workers)
     plan.alone.update({todo[j]: why for j, why in alone.items()})
     for group in groups:
         if len(group) == 1:
