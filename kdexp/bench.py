@@ -236,13 +236,12 @@ def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeat
             students.append(instantiate(cfg.student, width=width))
         pack = StudentPack(students)
         optimizer = instantiate(cfg.optimizer)(pack.parameters())
-        temperature = torch.full((size,), HINTON["temperature"])
-        alpha = torch.full((size,), HINTON["alpha"])
+        objectives = [HintonKD(**HINTON) for _ in range(size)]
         seconds = []
         for epoch in range(epochs):
             start = time.perf_counter()
             train_epoch(pack, optimizer, train.x, train.y, store.splits["train"].logits, list(range(1, size + 1)),
-                        epoch, datamodule.batch_size, temperature, alpha, datamodule.batch_transform)
+                        epoch, datamodule.batch_size, objectives, datamodule.batch_transform)
             seconds.append(time.perf_counter() - start)
         return seconds
 

@@ -86,6 +86,15 @@ class EvalMetrics(nn.Module):
             metric.reset()
 
 
+def settings_in_force(objective: DistillationObjective, schedules: Mapping[str, Schedule] | None = None
+                      ) -> dict[str, float]:
+    """An objective's numeric knobs and scheduled settings as they stand, as ``train/<name>``."""
+    scheduled = [n for n in (schedules or {}) if n not in objective.knobs]
+    values = {name: getattr(objective, name, None) for name in [*objective.knobs, *scheduled]}
+    return {f"train/{name}": float(v) for name, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 # Attributes set on the module many times per training step: Lightning sets
 # `_current_fx_name` around each of the ~25 hook calls of a step, and the step counts
 # `_loss_steps`. nn.Module.__setattr__ checks every value against parameters, buffers and
@@ -187,10 +196,7 @@ class SupervisedModule(pl.LightningModule):
 
     def settings_in_force(self) -> dict[str, float]:
         """The objective's knobs and scheduled settings this epoch, as ``train/<name>``."""
-        names = [*self.objective.knobs, *(n for n in self.schedules if n not in self.objective.knobs)]
-        values = {name: getattr(self.objective, name, None) for name in names}
-        return {f"train/{name}": float(v) for name, v in values.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return settings_in_force(self.objective, self.schedules)
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.settings_in_force(), sync_dist=True)

@@ -238,18 +238,17 @@ def train_members(members: list[Member]) -> None:
 
 def _train_members(members: list[Member]) -> None:
     import pytorch_lightning as pl
-    import torch
 
-    from kdexp.chain import route_of
-    from kdexp.config import instantiate, objective_node, to_plain
+    from kdexp.config import instantiate, objective_node
     from kdexp.errors import ConfigError
-    from kdexp.models.zoo import count_parameters
-    from kdexp.packed import test_pack, train_pack
-    from kdexp.pipeline import (apply_num_threads, build_logger, checkpoint_files, get_teacher, majority_share,
-                                objective_label, require_better_than_chance, run_name_for)
-    from kdexp.teacher_source import get_teacher_outputs
-    from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
     from kdexp.files import atomic_torch_save
+    from kdexp.models.zoo import count_parameters
+    from kdexp.packed import early_stopping_of, test_pack, train_pack
+    from kdexp.pipeline import (apply_num_threads, build_logger, checkpoint_files, data_sizes, get_teacher,
+                                majority_share, objective_label, require_better_than_chance, run_name_for,
+                                student_wandb_config, teacher_fields)
+    from kdexp.teacher_source import get_teacher_outputs
+    from kdexp.tracking import finish_wandb, wandb_run_info
 
     base = members[0].cfg
     shared = SharedTimer()
@@ -261,19 +260,13 @@ def _train_members(members: list[Member]) -> None:
         datamodule = instantiate(base.data)
         datamodule.setup()
         fingerprint = datamodule.fingerprint()
-    data_sizes = {"train_labelled": datamodule.labelled_train_size,
-                  "train_transfer": len(datamodule.splits["train"].x) - datamodule.labelled_train_size,
-                  "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)}
     with shared.timed("teacher"):
         teacher = get_teacher(base, datamodule)
     require_better_than_chance(teacher, int(base.data.num_classes), bool(base.teacher.get("allow_untrained", False)),
                                majority_share(datamodule.splits["test"].y))
-    teacher_note = {"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
-                    "path": teacher.path, "cache_key": teacher.cache_key, "verified": True}
     for member in members:
-        member.recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes=data_sizes,
-                               teacher=teacher_note, lineage=teacher.lineage, stage=len(teacher.lineage),
-                               route=route_of(teacher.lineage))
+        member.recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes=data_sizes(datamodule),
+                               **teacher_fields(teacher))
     for member in members:  # seeded and built in the order run_experiment builds them
         cfg = member.cfg
         pl.seed_everything(int(cfg.seed), verbose=False)
@@ -292,23 +285,15 @@ def _train_members(members: list[Member]) -> None:
             if store is None:
                 raise ConfigError(f"packed training reads the teacher's cached outputs, but this run's come from "
                                   f"the online teacher ({note.get('reason')}); run these points without --pack.")
-            member.wandb_config = wandb_run_config(
-                to_plain(member.cfg), job_type=member.recorder.record["job_type"], teacher_hash=teacher.weights_hash,
-                teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
-                student_parameters=member.recorder.record["parameters"], output_dir=str(member.job.output_dir),
-                objective=member.recorder.record["objective"], teacher_outputs=note, stage=len(teacher.lineage),
-                lineage=teacher.lineage)
+            member.wandb_config = student_wandb_config(member.cfg, member.recorder.record, teacher)
     logits = {split: store.splits[split].logits for split in ("train", "val", "test")}
-    distils = [bool(m.objective.needs_teacher) for m in members]
-    temperature = torch.tensor([float(getattr(m.objective, "temperature", 1.0)) for m in members])
-    alpha = torch.tensor([float(m.objective.alpha) if d else 0.0 for m, d in zip(members, distils)])
     students = [m.student for m in members]
     with shared.timed("fit"):
         fit = train_pack(students, shuffle_seeds=[int(m.cfg.data.shuffle_seed) for m in members],
-                         temperature=temperature, alpha=alpha, distils=distils, datamodule=datamodule,
-                         teacher_logits=logits, optimizer_factory=instantiate(base.optimizer),
-                         max_epochs=int(base.trainer.max_epochs), num_classes=int(base.data.num_classes),
-                         teacher_test_acc=teacher.test_acc, progress=bool(base.trainer.get("enable_progress_bar")))
+                         objectives=[m.objective for m in members], datamodule=datamodule, teacher_logits=logits,
+                         optimizer_factory=instantiate(base.optimizer), max_epochs=int(base.trainer.max_epochs),
+                         num_classes=int(base.data.num_classes), early_stopping=early_stopping_of(base),
+                         progress=bool(base.trainer.get("enable_progress_bar")))
     with shared.timed("test"):
         test_pack(fit, students, datamodule, logits, int(base.data.num_classes), teacher.test_acc)
 
@@ -326,13 +311,13 @@ def _train_members(members: list[Member]) -> None:
                                   objective_name=member.objective.name)
         recorder.update(wandb=wandb_run_info(logger))
         if logger is not None:
-            replay_history(logger, outcome, fit.steps_per_epoch, fit.epochs, teacher.test_acc)
+            replay_history(logger, outcome, fit.steps_per_epoch, outcome.epochs, teacher.test_acc)
         if outcome.error is not None:
             finish_wandb(exit_code=1)
             recorder.finish("failed", NonFiniteLossError(outcome.error))
             log.error("kdexp: %s failed: NonFiniteLossError: %s", record["run_name"], outcome.error)
             continue
-        recorder.update(metrics=outcome.metrics, epochs=fit.epochs, global_steps=fit.epochs * fit.steps_per_epoch,
+        recorder.update(metrics=outcome.metrics, epochs=outcome.epochs, global_steps=outcome.epochs * fit.steps_per_epoch,
                         checkpoints=checkpoint_files(folder))
         with recorder.timed("logger_finish"):
             finish_wandb()

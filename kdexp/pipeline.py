@@ -473,10 +473,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         fingerprint = datamodule.fingerprint()
     if resume_from is not None:
         same_as_before(recorder.record.get("data_fingerprint"), fingerprint, "data (fingerprint)")
-    recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes={
-        "train_labelled": datamodule.labelled_train_size,
-        "train_transfer": len(datamodule.splits["train"].x) - datamodule.labelled_train_size,
-        "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)})
+    recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes=data_sizes(datamodule))
     predictions = read_predictions(cfg, datamodule)  # a file for other data is refused before a teacher is trained
 
     with recorder.timed("teacher"):
@@ -493,10 +490,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
                                    "cache_key": m.cache_key} for m in members])
     if resume_from is not None:
         same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
-    recorder.update(teacher={"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
-                             "path": teacher.path, "cache_key": teacher.cache_key,
-                             "verified": teacher.model is not None},  # False: taken from a predictions file
-                    lineage=teacher.lineage, stage=len(teacher.lineage), route=route_of(teacher.lineage))
+    recorder.update(**teacher_fields(teacher))
 
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
     # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
@@ -518,11 +512,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
                                                          predictions)
     recorder.update(teacher_outputs=outputs_note)
 
-    wandb_config = wandb_run_config(to_plain(cfg), job_type=job_type, teacher_hash=teacher.weights_hash,
-                                    teacher_test_acc=teacher.test_acc, data_fingerprint=fingerprint,
-                                    student_parameters=parameters, output_dir=str(output_dir),
-                                    objective=identity, teacher_outputs=outputs_note,
-                                    stage=len(teacher.lineage), lineage=teacher.lineage)
+    wandb_config = student_wandb_config(cfg, recorder.record, teacher)
     previous_wandb = recorder.record.get("wandb") or {}
     with recorder.timed("logger_start"):
         logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
@@ -544,6 +534,31 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     recorder.update(metrics=metrics, epochs=trainer.current_epoch, global_steps=trainer.global_step,
                     checkpoints=checkpoint_files(output_dir))
     return recorder.record
+
+
+def data_sizes(datamodule: InMemoryDataModule) -> dict[str, int]:
+    """The split sizes a record states (a transfer set's inputs counted apart from the labelled ones)."""
+    return {"train_labelled": datamodule.labelled_train_size,
+            "train_transfer": len(datamodule.splits["train"].x) - datamodule.labelled_train_size,
+            "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)}
+
+
+def teacher_fields(teacher: Teacher) -> dict[str, Any]:
+    """What a student's record states about its teacher: identity, lineage, stage and route."""
+    return {"teacher": {"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
+                        "path": teacher.path, "cache_key": teacher.cache_key,
+                        "verified": teacher.model is not None},  # False: taken from a predictions file
+            "lineage": teacher.lineage, "stage": len(teacher.lineage), "route": route_of(teacher.lineage)}
+
+
+def student_wandb_config(cfg: DictConfig, record: dict[str, Any], teacher: Teacher) -> dict[str, Any]:
+    """A student run's W&B config: the resolved config plus what its record states (job type,
+    teacher, data, parameters, objective, teacher outputs, lineage)."""
+    return wandb_run_config(to_plain(cfg), job_type=record["job_type"], teacher_hash=teacher.weights_hash,
+                            teacher_test_acc=teacher.test_acc, data_fingerprint=record["data_fingerprint"],
+                            student_parameters=record["parameters"], output_dir=str(record["output_dir"]),
+                            objective=record["objective"], teacher_outputs=record["teacher_outputs"],
+                            stage=len(teacher.lineage), lineage=teacher.lineage)
 
 
 def base_record(cfg: DictConfig) -> dict[str, Any]:

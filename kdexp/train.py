@@ -130,9 +130,8 @@ def run(cfg: DictConfig) -> dict:
     configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if left_to_packs(list(cfg.get("overrides") or [])):  # kdexp sweep --pack trained (or trains) this point
-        log.debug("Leaving %s to its pack.", output_dir)
-        return read_record(output_dir) or {}
+    if left_to_packs(list(cfg.get("overrides") or [])):  # kdexp sweep --pack trained this point: hands off,
+        return read_record(output_dir) or {}               # not even a log line in its folder
     with log_file_held_back(output_dir):
         try:
             validate_config(cfg)

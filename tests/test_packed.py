@@ -14,7 +14,7 @@ from conftest import compose_config, load_record, records_in, run_cli
 from kdexp.models import MLP
 from kdexp.objectives.base import ModelOutputs
 from kdexp.objectives.hinton import HintonKD
-from kdexp.packed import StudentPack, epoch_order, pack_groups, packed_hinton_terms, train_epoch
+from kdexp.packed import StudentPack, epoch_order, pack_groups, train_epoch
 from kdexp.packed_runs import job_configs, run_pack
 from kdexp.train import run
 
@@ -121,17 +121,45 @@ def test_a_member_whose_loss_goes_nan_fails_its_own_record_and_the_others_finish
         assert_same_metrics(member["metrics"], single["metrics"])
 
 
-def test_the_packed_loss_is_each_students_hinton_loss():
+@pytest.mark.parametrize("width", [16, 512])
+def test_a_packed_epoch_is_each_students_own_epoch_bit_for_bit(width):
+    """Three students (two Hinton settings and a CE-only one) trained two epochs in a pack, against
+    the same students trained one at a time by a plain loop: every weight identical to the last bit."""
+    from kdexp.data.batches import IndexBatches
+    from kdexp.objectives.base import total_loss
+    from kdexp.objectives.cross_entropy import CrossEntropyOnly
+
     torch.manual_seed(0)
-    logits, teacher = torch.randn(3, 8, 5), torch.randn(3, 8, 5)
-    targets = torch.randint(0, 5, (3, 8))
-    temperature, alpha = torch.tensor([1.0, 4.0, 8.0]), torch.tensor([0.1, 0.5, 0.9])
-    terms = packed_hinton_terms(logits, targets, teacher, temperature, alpha)
-    for i in range(3):
-        single = HintonKD(float(temperature[i]), float(alpha[i]))(ModelOutputs(logits[i]), ModelOutputs(teacher[i]),
-                                                                   targets[i])
-        for name in ("loss_ce", "loss_kd"):
-            assert terms[name][i] == pytest.approx(float(single[name]), rel=1e-6), (i, name)
+    x, y, teacher = torch.randn(250, 40), torch.randint(0, 10, (250,)), torch.randn(250, 10)
+    students = [MLP([40], 10, width=width) for _ in range(3)]
+    alone = [copy.deepcopy(s) for s in students]
+    objectives = [HintonKD(4.0, 0.9), HintonKD(2.0, 0.5), CrossEntropyOnly()]
+    seeds = [1, 2, 3]
+    pack = StudentPack(students)
+    optimizer = torch.optim.Adam(pack.parameters(), lr=3e-3)
+    for epoch in range(2):
+        sums = train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 100, objectives)
+    # Bit for bit where the BLAS computes one slice of a batched product as it computes the single
+    # product (every CPU this was run on); elsewhere only to float tolerance.
+    b, m, w = torch.randn(2, 1, 7), torch.randn(2, 50, 40), torch.randn(2, 40, 7)
+    same = torch.equal if torch.equal(torch.baddbmm(b, m, w)[0], torch.addmm(b[0], m[0], w[0])) else \
+        (lambda a, c: torch.allclose(a, c, atol=1e-5))
+    for i, (student, objective) in enumerate(zip(alone, objectives)):
+        own = torch.optim.Adam(student.parameters(), lr=3e-3)
+        loader = IndexBatches(x, y, batch_size=100, shuffle=True, seed=seeds[i])  # each pass draws the next epoch
+        for epoch in range(2):
+            total = None
+            for xb, yb, index in loader:
+                terms = objective(ModelOutputs(student(xb)), ModelOutputs(teacher[index]) if objective.needs_teacher
+                                  else None, yb)
+                loss = total_loss(terms)
+                own.zero_grad()
+                loss.backward()
+                own.step()
+                total = loss.detach() if total is None else total + loss.detach()
+        for name, tensor in student.state_dict().items():
+            assert same(pack.state_dict(i)[name], tensor), (i, name)
+        assert sums.means(i)["train/loss"] == pytest.approx(float(total / 3), rel=1e-6)  # the mean a single run logs
 
 
 def test_stacked_adam_equals_one_adam_per_student_and_gradients_never_cross():
@@ -186,9 +214,9 @@ def test_a_member_whose_loss_goes_nan_fails_alone_and_the_others_train_on_unchan
         pack = StudentPack(students(with_broken))
         optimizer = torch.optim.Adam(pack.parameters(), lr=0.01)
         seeds = [1, 2, 3] if with_broken else [1, 3]
-        settings = torch.full((len(seeds),), 2.0), torch.full((len(seeds),), 0.5)
+        objectives = [HintonKD(2.0, 0.5) for _ in seeds]
         for epoch in range(3):
-            train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 16, *settings)
+            train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 16, objectives)
         results[with_broken] = pack
     broken, clean = results[True], results[False]
     assert list(broken.failures) == [1] and "training loss became nan at global step 0 (epoch 0, batch 0)" in broken.failures[1]
@@ -238,7 +266,8 @@ def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
     ("+trainer.gradient_clip_val=1.0", "gradient clipping would mix members"),
     ("optimizer._target_=torch.optim.RMSprop", "only Adam, AdamW and SGD"),
     ("kd.cache_teacher=false", "cached teacher outputs"),
-    ("+callbacks.early_stop={_target_:pytorch_lightning.callbacks.EarlyStopping,monitor:val/acc}", "extra callbacks"),
+    ("+callbacks.early_stop={_target_:pytorch_lightning.callbacks.EarlyStopping,monitor:val/acc}", "mode=max"),
+    ("+callbacks.lr={_target_:pytorch_lightning.callbacks.LearningRateMonitor}", "callbacks.lr"),
     ("student=cnn1d", "only MLP students"),
 ])
 def test_points_that_a_pack_cannot_reproduce_run_alone_and_say_why(tmp_path, override, reason):
@@ -255,3 +284,24 @@ def test_pack_options_that_cannot_work_are_refused_before_anything_runs(capsys):
     assert "--pack must be >= 2" in capsys.readouterr().err
     assert main(["sweep", "sweeps/smoke.yaml", "--pack", "4", "--wandb"]) == 2
     assert "does not combine with --wandb" in capsys.readouterr().err
+
+
+EARLY_STOP = "+callbacks.early_stop={_target_:pytorch_lightning.callbacks.EarlyStopping,monitor:val/acc,mode:max," \
+             "patience:1,min_delta:0.01}"
+
+
+def test_each_packed_student_stops_early_when_its_own_run_would(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["data=mnist1d", "student.width=32", "trainer.max_epochs=12", "teacher.max_epochs=20", "logger=none",
+            EARLY_STOP]
+    points = [["seed=1", "kd.temperature=4"], ["seed=2", "kd.temperature=2", "kd.alpha=0.5"], ["kd=none", "seed=3"]]
+    alone = [run(compose_config([*base, *point, f"paths.output_dir={tmp_path / 'alone' / str(i)}"], tmp_path))
+             for i, point in enumerate(points)]
+    statuses = run_pack(job_configs(tmp_path / "packed", [[*base, *point] for point in points]))
+    packed = [load_record(folder) for folder in statuses]
+    assert len({r["epochs"] for r in alone}) > 1 and min(r["epochs"] for r in alone) < 12  # they stop, each its own way
+    for single, member in zip(alone, packed):
+        assert (member["epochs"], member["global_steps"]) == (single["epochs"], single["global_steps"])
+        assert_same_metrics(member["metrics"], single["metrics"])
+        last = torch.load(member["checkpoints"]["last"], weights_only=True)
+        assert last["epoch"] == single["epochs"] - 1
