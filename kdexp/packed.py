@@ -189,14 +189,18 @@ def accuracy(outputs: Evaluated) -> Tensor:
     return correct / sum(len(y) for _, y, _ in outputs)
 
 
-def member_metrics(outputs: Evaluated, i: int, teacher_logits: Tensor, num_classes: int) -> dict[str, float]:
-    """Member ``i``'s evaluation metrics, updated batch by batch by the class single runs log them with."""
+def member_metrics(outputs: Evaluated, i: int, teacher_logits: Tensor, num_classes: int,
+                   metrics: Any = None) -> dict[str, float]:
+    """Member ``i``'s evaluation metrics, updated batch by batch by the class single runs log them with
+    (``metrics``: an :class:`~kdexp.modules.EvalMetrics` to reuse, reset after, as a run resets its own)."""
     from kdexp.modules import EvalMetrics
 
-    metrics = EvalMetrics(num_classes)
+    metrics = metrics if metrics is not None else EvalMetrics(num_classes)
     for logits, targets, index in outputs:
         metrics.update(logits[i], targets, teacher_logits[index])
-    return {name: float(value) for name, value in metrics.compute().items()}
+    values = {name: float(value) for name, value in metrics.compute().items()}
+    metrics.reset()
+    return values
 
 
 @dataclass
@@ -278,9 +282,10 @@ def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], o
     ``teacher_logits``: the cached teacher logits of every split, looked up by sample index.
     ``early_stopping``: each member stops on its own, its last snapshot taken at its last epoch.
     """
-    from kdexp.modules import settings_in_force
+    from kdexp.modules import EvalMetrics, settings_in_force
 
     pack = StudentPack(students)
+    val_metrics = [EvalMetrics(num_classes) for _ in students]
     optimizer = optimizer_factory(pack.parameters())
     train = datamodule.splits["train"]
     val_init = accuracy(evaluate(pack, datamodule.eval_batches("val")))
@@ -303,7 +308,8 @@ def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], o
                 if i in pack.failures:
                     outcome.error = pack.failures[i]
                 continue
-            val = {f"val/{k}": v for k, v in member_metrics(val_outputs, i, teacher_logits["val"], num_classes).items()}
+            val = {f"val/{k}": v for k, v in member_metrics(val_outputs, i, teacher_logits["val"], num_classes,
+                                                            val_metrics[i]).items()}
             improved = val["val/acc"] > best_acc[i]  # strictly better, as ModelCheckpoint decides
             best_acc[i] = max(best_acc[i], val["val/acc"])
             val["val/acc_best"] = best_acc[i]
