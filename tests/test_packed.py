@@ -246,12 +246,10 @@ def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
         "experiment": {"value": "digits_smoke"}, "kd.temperature": {"value": 4}, "seed": {"values": [1, 2]},
         "scheduler": {"values": ["none", "cosine"]}, "student.width": {"value": 16},
         "trainer.max_epochs": {"value": 2}, "teacher.max_epochs": {"value": 2}, "logger": {"value": "csv"}}}))
-    dry = run_cli(["sweep", str(sweep), "--pack", "4", "--dry-run", "--dir", str(tmp_path / "out")],
-                  tmp_path / "cache", module="kdexp.cli")
-    assert "--pack 4: 2 run(s) in 1 pack(s), 2 alone" in dry.stdout and "alone (2): lr schedulers" in dry.stdout
     proc = run_cli(["sweep", str(sweep), "--pack", "4", "--dir", str(tmp_path / "out")], tmp_path / "cache",
                    module="kdexp.cli")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--pack 4: 2 run(s) in 1 pack(s), 2 alone" in proc.stdout and "alone (2): lr schedulers" in proc.stdout
     assert "4 runs — 4 finished" in proc.stdout and "2 run(s) outside the packs" in proc.stdout
     records = records_in(tmp_path / "out")
     assert sorted("packed" in r for r in records) == [False, False, True, True]
@@ -290,12 +288,14 @@ EARLY_STOP = "+callbacks.early_stop={_target_:pytorch_lightning.callbacks.EarlyS
              "patience:1,min_delta:0.01}"
 
 
-def test_each_packed_student_stops_early_when_its_own_run_would(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_each_packed_student_stops_early_when_its_own_run_would(alone_and_packed, tmp_path, monkeypatch):
+    cached, _, _ = alone_and_packed  # its teacher, trained once for this module
+    monkeypatch.chdir(cached)
+    monkeypatch.setenv("KDEXP_CACHE_DIR", str(cached / "cache"))
     base = ["data=mnist1d", "student.width=32", "trainer.max_epochs=12", "teacher.max_epochs=20", "logger=none",
             EARLY_STOP]
     points = [["seed=1", "kd.temperature=4"], ["seed=2", "kd.temperature=2", "kd.alpha=0.5"], ["kd=none", "seed=3"]]
-    alone = [run(compose_config([*base, *point, f"paths.output_dir={tmp_path / 'alone' / str(i)}"], tmp_path))
+    alone = [run(compose_config([*base, *point, f"paths.output_dir={tmp_path / 'alone' / str(i)}"], cached))
              for i, point in enumerate(points)]
     statuses = run_pack(job_configs(tmp_path / "packed", [[*base, *point] for point in points]))
     packed = [load_record(folder) for folder in statuses]
