@@ -18,7 +18,7 @@ objective (language models included): the teacher online, the full cached logits
 top-K cache, with the disk bytes per position of each file.
 
 ``--pack 1 2 4 8 16`` times the packed engine (:mod:`kdexp.packed`, N students in one
-vmapped step) against the same students trained one at a time by kdexp: students trained per
+packed step) against the same students trained one at a time by kdexp: students trained per
 second of training epochs, at each pack size.
 
 ``--runs`` adds whole-run figures: ``kdexp train`` started as a fresh process (W&B
@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also time online vs full-cache vs top-K-cache epochs of the configured kd objective, "
                         "with bytes per position (e.g. --outputs 8 experiment=stdlib_lm data.max_train_bytes=200000)")
     p.add_argument("--pack", type=int, nargs="+", default=None, metavar="N",
-                   help="also time packed training (N Hinton students in one vmapped step) for these pack sizes "
+                   help="also time packed training (N Hinton students in one packed step) for these pack sizes "
                         "against one-at-a-time kdexp epochs (e.g. --pack 1 2 4 8 16)")
     p.add_argument("--pack-sweep", type=int, nargs="+", default=None, metavar="N",
                    help="time whole `kdexp sweep` runs of hinton_grid at each width, one by one and with --pack N "
