@@ -21,6 +21,10 @@ top-K cache, with the disk bytes per position of each file.
 packed step) against the same students trained one at a time by kdexp: students trained per
 second of training epochs, at each pack size.
 
+``--pack-sweep 2 4 8 16`` times whole ``kdexp sweep`` processes of ``sweeps/hinton_grid.yaml`` at
+each width, one by one and with ``--pack N`` on the same ``--jobs``, and compares every packed
+run's numbers with its unpacked run's.
+
 ``--runs`` adds whole-run figures: ``kdexp train`` started as a fresh process (W&B
 offline), wall time from process start to exit, and the parts its record states
 (``timings_s``). ``--sweep`` adds a whole-sweep figure: a 12-run T × α grid of KD
