@@ -255,8 +255,6 @@ class PackFit:
 
     outcomes: list[MemberOutcome]
     steps_per_epoch: int
-    epochs: int
-    pack: StudentPack
     val_init: Tensor  # (N,) accuracy of the untrained students, a single run's val/acc_init
 
 
@@ -330,7 +328,7 @@ def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], o
             finish_member(outcome, pack, optimizer, i)
         if outcome.error is None and outcome.best is None:
             outcome.error = "no finite validation epoch"
-    return PackFit(outcomes, steps_per_epoch, max_epochs, pack, val_init)
+    return PackFit(outcomes, steps_per_epoch, val_init)
 
 
 def finish_member(outcome: MemberOutcome, pack: StudentPack, optimizer: torch.optim.Optimizer, i: int) -> None:

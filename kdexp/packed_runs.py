@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from kdexp.errors import KdexpError, NonFiniteLossError, RunInterrupted
+from kdexp.records import read_record
 
 log = logging.getLogger("kdexp")
 
@@ -171,7 +171,7 @@ def member_checkpoint(snapshot: Any, steps_per_epoch: int, optimizer_state: dict
     return checkpoint
 
 
-def replay_history(logger: Any, outcome: Any, steps_per_epoch: int, epochs: int, teacher_test_acc: float) -> None:
+def replay_history(logger: Any, outcome: Any, steps_per_epoch: int, teacher_test_acc: float) -> None:
     """Log a member's history as its single run's Lightning logger logs it: the teacher's accuracy at
     step 0, each epoch's ``val/*`` and ``train/*`` at the epoch's last step, the test metrics at the end."""
     from kdexp.vocabulary import TEACHER_TEST_ACC
@@ -185,23 +185,8 @@ def replay_history(logger: Any, outcome: Any, steps_per_epoch: int, epochs: int,
         metrics = outcome.metrics
         for suffix_last in (True, False):
             test = {k: v for k, v in metrics.items() if k.startswith("test/") and k.endswith("_last") == suffix_last}
-            logger.log_metrics({**test, "epoch": epochs}, step=epochs * steps_per_epoch)
+            logger.log_metrics({**test, "epoch": outcome.epochs}, step=outcome.epochs * steps_per_epoch)
     logger.save()
-
-
-class SharedTimer:
-    """Seconds of the parts a pack's members share; each member's ``timings_s`` holds them."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def timed(self, part: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
 
 def run_pack(jobs: list[JobConfig], if_finished: str = "skip") -> dict[Path, str]:
@@ -214,8 +199,6 @@ def run_pack(jobs: list[JobConfig], if_finished: str = "skip") -> dict[Path, str
     finally:
         for member in members:
             member.claim.release()
-    from kdexp.records import read_record
-
     return {job.output_dir: (read_record(job.output_dir) or {}).get("status", "missing") for job in jobs}
 
 
@@ -224,15 +207,11 @@ def train_members(members: list[Member]) -> None:
     goes non-finite fails alone, anything that stops the pack fails (or interrupts) every member."""
     try:
         _train_members(members)
-    except (KeyboardInterrupt, RunInterrupted) as err:
-        for member in members:
-            if member.recorder.record.get("status") == "running":
-                member.recorder.finish("interrupted", err)
-        raise
     except BaseException as err:
+        status = "interrupted" if isinstance(err, (KeyboardInterrupt, RunInterrupted)) else "failed"
         for member in members:
             if member.recorder.record.get("status") == "running":
-                member.recorder.finish("failed", err)
+                member.recorder.finish(status, err)
         raise
 
 
@@ -242,6 +221,7 @@ def _train_members(members: list[Member]) -> None:
     from kdexp.config import instantiate, objective_node
     from kdexp.errors import ConfigError
     from kdexp.files import atomic_torch_save
+    from kdexp.records import PartTimer
     from kdexp.models.zoo import count_parameters
     from kdexp.packed import early_stopping_of, test_pack, train_pack
     from kdexp.pipeline import (apply_num_threads, build_logger, checkpoint_files, data_sizes, get_teacher,
@@ -251,7 +231,7 @@ def _train_members(members: list[Member]) -> None:
     from kdexp.tracking import finish_wandb, wandb_run_info
 
     base = members[0].cfg
-    shared = SharedTimer()
+    shared = PartTimer()  # the parts the members share: each member's timings_s holds them
     apply_num_threads(base.get("num_threads"))
     names = [m.job.output_dir.name for m in members]
     for index, member in enumerate(members):
@@ -277,15 +257,14 @@ def _train_members(members: list[Member]) -> None:
         parameters = count_parameters(member.student)
         member.recorder.update(job_type=job_type, run_name=run_name_for(cfg, job_type, identity["label"]),
                                parameters=parameters, objective=identity)
-    store = None
-    with shared.timed("teacher_outputs"):
-        for member in members:
-            store, note = get_teacher_outputs(member.cfg, datamodule, teacher, 0, member.objective)
-            member.recorder.update(teacher_outputs=note)
-            if store is None:
-                raise ConfigError(f"packed training reads the teacher's cached outputs, but this run's come from "
-                                  f"the online teacher ({note.get('reason')}); run these points without --pack.")
-            member.wandb_config = student_wandb_config(member.cfg, member.recorder.record, teacher)
+    with shared.timed("teacher_outputs"):  # one lookup serves all: packable objectives tap no teacher features
+        store, note = get_teacher_outputs(base, datamodule, teacher, 0, members[0].objective)
+    if store is None:
+        raise ConfigError(f"packed training reads the teacher's cached outputs, but these runs' come from the "
+                          f"online teacher ({note.get('reason')}); run these points without --pack.")
+    for member in members:
+        member.recorder.update(teacher_outputs=note)
+        member.wandb_config = student_wandb_config(member.cfg, member.recorder.record, teacher)
     logits = {split: store.splits[split].logits for split in ("train", "val", "test")}
     students = [m.student for m in members]
     with shared.timed("fit"):
@@ -300,7 +279,7 @@ def _train_members(members: list[Member]) -> None:
     for member, outcome in zip(members, fit.outcomes):
         recorder = member.recorder
         folder = member.job.output_dir
-        recorder.timings.update(shared.seconds)
+        recorder.timer.seconds.update(shared.seconds)
         if outcome.error is None:
             atomic_torch_save(folder / "checkpoints" / "best.ckpt", member_checkpoint(outcome.best, fit.steps_per_epoch))
             atomic_torch_save(folder / "checkpoints" / "last.ckpt",
@@ -311,7 +290,7 @@ def _train_members(members: list[Member]) -> None:
                                   objective_name=member.objective.name)
         recorder.update(wandb=wandb_run_info(logger))
         if logger is not None:
-            replay_history(logger, outcome, fit.steps_per_epoch, outcome.epochs, teacher.test_acc)
+            replay_history(logger, outcome, fit.steps_per_epoch, teacher.test_acc)
         if outcome.error is not None:
             finish_wandb(exit_code=1)
             recorder.finish("failed", NonFiniteLossError(outcome.error))

@@ -80,6 +80,22 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+class PartTimer:
+    """Wall seconds per named part of a run (``timings_s`` in its record)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of the block to ``seconds[part]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+
 class RunRecorder:
     """Builds one run's record and rewrites it on each status change.
 
@@ -110,17 +126,12 @@ class RunRecorder:
                 "previous_git_commit": resumes.get("git_commit"), "previous_error": resumes.get("error"),
             }]
         self.record.update({**base, "status": "running"})
-        self.timings: dict[str, float] = {}  # seconds per part of the run, written at the end
+        self.timer = PartTimer()  # seconds per part of the run, written at the end
         write_record(self.folder, self.record)
 
-    @contextmanager
-    def timed(self, part: str) -> Iterator[None]:
+    def timed(self, part: str):
         """Add the wall time of the block to ``timings_s[part]`` (where a run's time goes)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
+        return self.timer.timed(part)
 
     def update(self, **fields: Any) -> None:
         self.record.update(fields)
@@ -131,7 +142,7 @@ class RunRecorder:
         # Wall time over every attempt whose end was recorded (a SIGKILLed attempt's is unknown).
         self.record["wall_time_s"] = round(self._earlier_wall_time + time.time() - self._start, 3)
         self.record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.record["timings_s"] = {part: round(seconds, 4) for part, seconds in self.timings.items()}
+        self.record["timings_s"] = {part: round(seconds, 4) for part, seconds in self.timer.seconds.items()}
         self.record.pop("error", None)
         if error is not None:
             self.record["error"] = {

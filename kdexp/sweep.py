@@ -364,15 +364,17 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
             left = [points[i] for i in plan.alone] + [
                 points[i] for pack in plan.packs for i in pack
                 if records.get(points[i], (None, {}))[1].get("status") not in ("finished", "failed")]
-            selection = sweep_dir / f".selection-{os.getpid()}.json"
-            from kdexp.files import atomic_write_text
-
-            atomic_write_text(selection, json.dumps([list(point) for point in left]), what="sweep selection")
-            env[SELECTION_ENV] = str(selection)
             if left:
+                from kdexp.files import atomic_write_text
+
+                selection = sweep_dir / f".selection-{os.getpid()}.json"
+                atomic_write_text(selection, json.dumps([list(point) for point in left]), what="sweep selection")
+                env[SELECTION_ENV] = str(selection)
                 print(f"  {len(left)} run(s) outside the packs: one Hydra multirun", flush=True)
-                returncode = max(returncode, _wait_all([_start(command, env)]))
-            selection.unlink(missing_ok=True)
+                try:
+                    returncode = max(returncode, _wait_all([_start(command, env)]))
+                finally:
+                    selection.unlink(missing_ok=True)
         else:
             returncode = _wait_all([_start(command, env)])
     except KeyboardInterrupt:
