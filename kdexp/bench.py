@@ -239,7 +239,7 @@ def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeat
             pl.seed_everything(seed, verbose=False)
             students.append(instantiate(cfg.student, width=width))
         pack = StudentPack(students)
-        optimizer = instantiate(cfg.optimizer)(pack.parameters())
+        optimizer = instantiate(cfg.optimizer)(pack.optimizer_parameters())
         objectives = [HintonKD(**HINTON) for _ in range(size)]
         seconds = []
         for epoch in range(epochs):

@@ -64,6 +64,10 @@ def sweep_main(argv: list[str]) -> int:
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
+    if args.pack:
+        import torch
+
+        torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
     cfgs = sweep.check_points(points)  # every point composes and validates, or nothing runs
     plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
     if args.dry_run:

@@ -12,10 +12,15 @@ What each student keeps of its own, exactly as in a single run:
   :class:`kdexp.data.batches.IndexBatches` does; the teacher's cached outputs are looked
   up by each student's own sample indices;
 - its T and α: the Hinton loss is computed per student with its own values;
-- its optimiser state: Adam and AdamW are elementwise, so one optimiser over the stacked
-  tensors equals N optimisers over the slices (the student axis never mixes);
-- its gradients: the summed loss's gradient with respect to student i's slice is the
-  gradient of student i's own loss, since no other term depends on that slice.
+- its optimiser state: Adam, AdamW and SGD are elementwise, so one optimiser over all the
+  stacked parameters (laid end to end in one flat tensor) equals N optimisers over the slices;
+- its gradients: student i's slice gets the gradient of student i's own loss alone.
+
+Not only equal in exact arithmetic: each member's weights equal its single run's bit for
+bit, over any number of epochs. Float noise of 1e-9 grows to points of accuracy over 100
+epochs of Adam, so every operation here is chosen to compute what a single run computes
+in the same order (see :class:`StudentPack` and :class:`FusedHinton`; the tests compare
+weights with ``torch.equal``).
 
 This module is the training engine; :mod:`kdexp.packed_runs` writes each member's run
 folder, record, checkpoints and W&B run, and ``kdexp sweep --pack N`` uses both.
@@ -49,10 +54,24 @@ class StudentPack:
         self.size = len(students)
         self.depth = students[0].depth
         params, buffers = stack_module_state(list(students))
-        self.params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+        # All stacked parameters lie end to end in one flat tensor, and so do their gradients; each
+        # parameter is a view into it. The optimiser updates the flat tensor: a handful of calls
+        # per step instead of a handful per parameter, with the same result, since Adam, AdamW
+        # and SGD are elementwise.
+        self.flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+        self.flat.grad = torch.zeros_like(self.flat)
+        self.segments: dict[str, tuple[int, torch.Size]] = {}
+        offset = 0
+        for name, p in params.items():
+            self.segments[name] = (offset, p.shape)
+            offset += p.numel()
+        self.params = {name: self.segment(self.flat, name).requires_grad_(True) for name in self.segments}
+        for name, p in self.params.items():
+            p.grad = self.segment(self.flat.grad, name)  # autograd accumulates into it in place
         self.buffers = buffers
         self.active = torch.ones(self.size, dtype=torch.bool)  # False: the member failed and is frozen
         self.failures: dict[int, str] = {}
+        self.fused: bool | None = None  # FusedHinton proven bit-identical here (None: not yet tried)
 
     def fail(self, i: int, reason: str, optimizer: torch.optim.Optimizer) -> None:
         """Stop training member ``i`` because its loss went non-finite (see :meth:`stop`)."""
@@ -65,10 +84,24 @@ class StudentPack:
         so its slice no longer learns (weight decay may still shrink it: its outcome keeps a
         snapshot taken when it stopped)."""
         self.active[i] = False
-        for p in self.parameters():
-            for moment in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(moment) and moment.dim() > 0 and moment.shape[0] == self.size:
-                    moment[i] = 0
+        for moment in optimizer.state.get(self.flat, {}).values():
+            if torch.is_tensor(moment) and moment.shape == self.flat.shape:
+                for name in self.segments:
+                    self.segment(moment, name)[i] = 0
+
+    def segment(self, flat: Tensor, name: str) -> Tensor:
+        """Parameter ``name``'s part (N, ...) of a tensor laid out as :attr:`flat`: its weights, its
+        gradient or its optimiser state; a view."""
+        offset, shape = self.segments[name]
+        return flat[offset:offset + shape.numel()].view(shape)
+
+    def optimizer_parameters(self) -> list[Tensor]:
+        """What the pack's optimiser updates: the one flat tensor. Clear gradients with
+        :meth:`zero_grad`: an optimiser's own ``zero_grad`` would unlink them from the parameters."""
+        return [self.flat]
+
+    def zero_grad(self) -> None:
+        self.flat.grad.zero_()
 
     def freeze_failed(self) -> None:
         if bool(self.active.all()):
@@ -86,12 +119,17 @@ class StudentPack:
         while the narrow head runs per student, because a batched product's weight gradient
         there sums in another order than ``Linear``'s.
         """
+        h = self.hidden(x)
+        weight, bias = self.params["head.weight"], self.params["head.bias"]
+        return torch.stack([F.linear(h[i], weight[i], bias[i]) for i in range(self.size)])
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The hidden layers' output (N, B, width): one batched ``baddbmm`` per layer."""
         h = x.reshape(x.shape[0], x.shape[1], -1)
         for i in range(1, self.depth + 1):
             weight, bias = self.params[f"stage{i}.0.weight"], self.params[f"stage{i}.0.bias"]
             h = torch.relu(torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2)))
-        weight, bias = self.params["head.weight"], self.params["head.bias"]
-        return torch.stack([F.linear(h[i], weight[i], bias[i]) for i in range(self.size)])
+        return h
 
     def forward_shared(self, x: Tensor) -> Tensor:
         """``x``: (B, ...) — one batch every student sees (evaluation) → logits (N, B, C)."""
@@ -110,66 +148,205 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-@dataclass
 class EpochSums:
     """Each member's loss terms summed over an epoch's steps, as a single run sums them (float32,
-    step by step) before logging their means."""
+    step by step) before logging their means; ``names[i]``: member ``i``'s logged terms."""
 
-    sums: list[dict[str, Tensor]]
-    steps: int = 0
+    def __init__(self) -> None:
+        self.names: list[tuple[str, ...]] = []
+        self.totals: dict[str, Tensor] = {}
+        self.steps = 0
 
-    def add(self, i: int, loss: Tensor, terms: dict[str, Tensor]) -> None:
-        for name, value in {"loss": loss, **terms}.items():
-            value = value.detach()
-            mine = self.sums[i]
-            mine[name] = mine[name] + value if name in mine else value.clone()
+    def add(self, step: Step, active: Tensor) -> None:
+        """Add ``step``'s loss and terms; members not ``active`` keep their sums."""
+        self.names = [("loss", *names) for names in step.names]
+        for name, value in {"loss": step.values, **step.terms}.items():
+            value = torch.where(active, value.detach(), 0.0)  # x + 0 == x: a stopped member's sum stays
+            self.totals[name] = self.totals[name] + value if name in self.totals else value
 
     def means(self, i: int) -> dict[str, float]:
-        return {f"train/{name}": float(total / self.steps) for name, total in self.sums[i].items()}
+        return {f"train/{name}": float(self.totals[name][i] / self.steps) for name in self.names[i]}
+
+
+@dataclass
+class Step:
+    """One training step's forward pass for every member: its loss (N,), its terms (name → (N,), 0 for a
+    member without that term), each member's term names, and ``backward(active)``, which writes the
+    gradients of the ``active`` members' losses."""
+
+    values: Tensor
+    terms: dict[str, Tensor]
+    names: list[tuple[str, ...]]
+    backward: Any
+
+
+def autograd_step(pack: StudentPack, xb: Tensor, teacher: Tensor, yb: Tensor, objectives: Sequence[Any]) -> Step:
+    """Each member's own objective module on its logits, differentiated by autograd: exact for any
+    objective, at a dozen small autograd nodes per member and step."""
+    from kdexp.objectives.base import ModelOutputs, total_loss
+
+    logits = pack.forward(xb)
+    losses, terms = [], []
+    for i, objective in enumerate(objectives):
+        terms.append(objective(ModelOutputs(logits[i]), ModelOutputs(teacher[i]) if objective.needs_teacher else None,
+                               yb[i]))
+        losses.append(total_loss(terms[-1]))
+    names = dict.fromkeys(name for member in terms for name in member)
+    stacked = {name: torch.stack([member[name].detach() if name in member else torch.zeros(()) for member in terms])
+               for name in names}
+
+    def backward(active: Tensor) -> None:
+        live = [loss for loss, on in zip(losses, active.tolist()) if on]
+        sum(live).backward()  # student i's slice gets the gradient of student i's loss alone
+
+    return Step(torch.stack([loss.detach() for loss in losses]), stacked, [tuple(member) for member in terms],
+                backward)
+
+
+class FusedHinton:
+    """Hinton KD (Hinton et al., 2015, arXiv:1503.02531) and CE-only for every member in one batched
+    pass, with the head's and the loss's gradient written out as autograd computes them for one
+    student: the same operations in the same order, so each member's gradient equals its single
+    run's bit for bit. :func:`train_epoch` checks that on its first step and falls back to
+    :func:`autograd_step` where it does not hold (another torch or BLAS).
+
+    Batched where a batched op equals the per-student one (log_softmax and its backward, elementwise
+    arithmetic, the head's forward and input gradient, the KL sum); per member where it does not
+    (``nll_loss``'s reduction, the head's weight gradient).
+    """
+
+    def __init__(self, objectives: Sequence[Any]) -> None:
+        kd = [bool(o.needs_teacher) for o in objectives]
+        alpha = [float(o.alpha) if k else 0.0 for o, k in zip(objectives, kd)]
+        temperature = [float(o.temperature) if k else 1.0 for o, k in zip(objectives, kd)]
+        self.kd = torch.tensor(kd)
+        self.any_kd = any(kd)
+        self.names = [("loss_ce", "loss_kd") if k else ("loss_ce",) for k in kd]
+        # Python floats meet float32 tensors as autograd's scalar multiplications meet them: cast once
+        self.alpha = torch.tensor(alpha, dtype=torch.float32)
+        self.ce_weight = torch.tensor([1.0 - a if k else 1.0 for a, k in zip(alpha, kd)], dtype=torch.float32)
+        self.temperature = torch.tensor(temperature, dtype=torch.float32).view(-1, 1, 1)
+        self.t_squared = torch.tensor([t * t for t in temperature], dtype=torch.float32)
+
+    @staticmethod
+    def handles(objectives: Sequence[Any]) -> bool:
+        from kdexp.objectives.cross_entropy import CrossEntropyOnly
+        from kdexp.objectives.hinton import HintonKD
+
+        return all(type(o) is HintonKD or (type(o) is CrossEntropyOnly and not o.label_smoothing)
+                   for o in objectives)
+
+    def __call__(self, pack: StudentPack, xb: Tensor, teacher: Tensor, yb: Tensor) -> Step:
+        hidden = pack.hidden(xb)  # (N, B, H), autograd records the hidden layers only
+        weight, bias = pack.params["head.weight"], pack.params["head.bias"]
+        with torch.no_grad():
+            h = hidden.detach()
+            logits = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            values, terms, grad = self.loss_and_grad(logits, teacher, yb)
+
+        def backward(active: Tensor) -> None:
+            g = torch.where(active.view(-1, 1, 1), grad, 0.0)
+            # Linear's backward (addmm): input grad g @ W, weight grad g.t() @ h (per student: a
+            # batched product sums in another order there), bias grad summed over the batch
+            torch.stack([torch.mm(g[i].t(), h[i]) for i in range(len(g))], out=weight.grad)
+            torch.sum(g, 1, out=bias.grad)
+            hidden.backward(torch.bmm(g, weight.detach()))
+
+        return Step(values, terms, self.names, backward)
+
+    def loss_and_grad(self, s: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Loss values, terms and d(loss)/d(logits) of every member: ``s``, ``t`` (N, B, C), ``y`` (N, B)."""
+        n, b, _ = s.shape
+        log_p = torch.log_softmax(s, -1)
+        ce = torch.stack([F.nll_loss(log_p[i], y[i]) for i in range(n)])  # batched, it sums in another order
+        loss_ce = self.ce_weight * ce
+        # cross_entropy's backward: nll_loss puts -(w / B) at each target, then log_softmax's backward
+        g_nll = torch.zeros_like(s).scatter_(-1, y.unsqueeze(-1), (-(self.ce_weight / b)).view(n, 1, 1).expand(n, b, 1))
+        grad = torch._log_softmax_backward_data(g_nll, log_p, -1, s.dtype)
+        terms = {"loss_ce": loss_ce}
+        if not self.any_kd:
+            return loss_ce, terms, grad
+        log_q = torch.log_softmax(s / self.temperature, -1)
+        log_t = torch.log_softmax(t / self.temperature, -1)
+        p_t = torch.exp(log_t)
+        kl_sum = (p_t * (log_t - log_q)).view(n, -1).sum(1)  # kl_div(log_target=True, "sum")
+        loss_kd = self.alpha * ((kl_sum / b) * self.t_squared)  # batchmean, × T², × α
+        # its backward: α·T²/B spread over the batch, through kl_div, log_softmax and the division by T
+        g_log_q = -((self.alpha * self.t_squared / b).view(n, 1, 1) * p_t)
+        g_kd = torch._log_softmax_backward_data(g_log_q, log_q, -1, s.dtype) / self.temperature
+        kd = self.kd.view(n, 1, 1)
+        grad = torch.where(kd, grad + g_kd, grad)
+        terms["loss_kd"] = torch.where(self.kd, loss_kd, 0.0)
+        return torch.where(self.kd, loss_ce + loss_kd, loss_ce), terms, grad
+
+
+def same_gradients(pack: StudentPack, first: Step, second: Step, active: Tensor) -> bool:
+    """Run both steps' backward passes; True when their losses, terms and gradients are bit-identical
+    for the ``active`` members (the second step's gradients are left in place)."""
+    finite = active & torch.isfinite(first.values)
+    if not torch.equal(first.values[finite], second.values[finite]):
+        return False
+    if first.names != second.names or any(not torch.equal(first.terms[k][finite], second.terms[k][finite])
+                                          for k in first.terms):
+        return False
+    first.backward(finite)
+    reference = [p.grad.clone() for p in pack.parameters()]
+    pack.zero_grad()
+    second.backward(finite)
+    return all(torch.equal(r[finite], p.grad[finite]) for r, p in zip(reference, pack.parameters()))
+
+
+def gather(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for an (N, B) index (twice as fast as advanced indexing)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, teacher_logits: Tensor,
                 seeds: Sequence[int], epoch: int, batch_size: int, objectives: Sequence[Any],
                 transform=None) -> EpochSums:
     """One epoch of every student, each on its own permutation of the training split and with its
-    own objective (the very module a single run calls: Hinton KD, or CE only without a teacher)."""
-    from kdexp.objectives.base import ModelOutputs, total_loss
+    own objective (Hinton KD, or CE only without a teacher), as its single run trains it.
+
+    Hinton and CE-only packs take :class:`FusedHinton`'s step once its first step has shown it
+    bit-identical to :func:`autograd_step` (``pack.fused``); other objectives take autograd's.
+    """
+    from kdexp.objectives.base import UNLABELLED
 
     n = len(x)
     orders = torch.stack([epoch_order(n, seed, epoch) for seed in seeds])  # (N, n)
     batches = -(-n // batch_size)
-    sums = EpochSums([{} for _ in range(pack.size)])
+    fused = FusedHinton(objectives) if FusedHinton.handles(objectives) and bool((y != UNLABELLED).all()) else None
+    sums = EpochSums()
     for objective in objectives:
         objective.epoch = epoch
     for start in range(0, n, batch_size):
         index = orders[:, start:start + batch_size]  # (N, B): each student's own samples
-        xb = x[index]
+        xb, teacher, yb = (gather(t, index) for t in (x, teacher_logits, y))
         if transform is not None:
             xb = transform(xb)
-        logits = pack.forward(xb)
-        terms, losses = [], []
-        for i, objective in enumerate(objectives):
-            teacher = ModelOutputs(teacher_logits[index[i]]) if objective.needs_teacher else None
-            terms.append(objective(ModelOutputs(logits[i]), teacher, y[index[i]]))
-            losses.append(total_loss(terms[-1]))
-        values = torch.stack([loss.detach() for loss in losses])
-        broken = ~torch.isfinite(values) & pack.active  # one host sync per step, as a single run's check
-        for i in torch.nonzero(broken).flatten().tolist():
+        if fused is not None and pack.fused is not False:
+            step = fused(pack, xb, teacher, yb)
+        else:
+            step = autograd_step(pack, xb, teacher, yb, objectives)
+        broken = ~torch.isfinite(step.values) & pack.active
+        for i in torch.nonzero(broken).flatten().tolist() if bool(broken.any()) else ():
             batch = start // batch_size
-            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms[i].items())
-            pack.fail(i, f"training loss became {float(values[i])} at global step {epoch * batches + batch} "
+            detail = ", ".join(f"{k}={float(v[i]):.4g}" for k, v in step.terms.items() if k in step.names[i])
+            pack.fail(i, f"training loss became {float(step.values[i])} at global step {epoch * batches + batch} "
                          f"(epoch {epoch}, batch {batch}); terms: {detail}. Lower optimizer.lr, check the inputs, "
                          "or set trainer.gradient_clip_val.", optimizer)
-        active = pack.active.tolist()
-        optimizer.zero_grad(set_to_none=True)
-        live = [loss for loss, on in zip(losses, active) if on]
-        if live:
-            sum(live).backward()  # student i's slice gets the gradient of student i's loss alone
+        pack.zero_grad()
+        if bool(pack.active.any()):
+            if fused is not None and pack.fused is None:  # the first fused step: prove it on this machine
+                pack.fused = same_gradients(pack, autograd_step(pack, xb, teacher, yb, objectives), step, pack.active)
+                if not pack.fused:
+                    pack.zero_grad()
+                    autograd_step(pack, xb, teacher, yb, objectives).backward(pack.active)
+            else:
+                step.backward(pack.active)
             pack.freeze_failed()  # a stopped member's slice never moves
             optimizer.step()
-        for i, on in enumerate(active):
-            if on:
-                sums.add(i, losses[i], terms[i])
+        sums.add(step, pack.active)
         sums.steps += 1
     return sums
 
@@ -260,12 +437,11 @@ class PackFit:
 
 def member_optimizer_state(optimizer: torch.optim.Optimizer, pack: StudentPack, i: int) -> dict[str, Any]:
     """Student ``i``'s slice of the stacked optimiser, laid out as its own optimiser's ``state_dict``."""
-    state = {}
-    for j, p in enumerate(pack.parameters()):
-        state[j] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == pack.size
-                        else v.clone() if torch.is_tensor(v) else v)
-                    for k, v in optimizer.state.get(p, {}).items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(pack.parameters())))}
+    flat = optimizer.state.get(pack.flat, {})
+    state = {j: {k: (pack.segment(v, name)[i].clone() if torch.is_tensor(v) and v.shape == pack.flat.shape
+                     else v.clone() if torch.is_tensor(v) else v) for k, v in flat.items()}
+             for j, name in enumerate(pack.segments)}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(pack.segments)))}
               for g in optimizer.param_groups]
     return {"state": state, "param_groups": groups}
 
@@ -284,7 +460,7 @@ def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], o
 
     pack = StudentPack(students)
     val_metrics = [EvalMetrics(num_classes) for _ in students]
-    optimizer = optimizer_factory(pack.parameters())
+    optimizer = optimizer_factory(pack.optimizer_parameters())
     train = datamodule.splits["train"]
     val_init = accuracy(evaluate(pack, datamodule.eval_batches("val")))
     outcomes = [MemberOutcome() for _ in students]

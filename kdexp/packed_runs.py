@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,8 @@ def _train_members(members: list[Member]) -> None:
         member.wandb_config = student_wandb_config(member.cfg, member.recorder.record, teacher)
     logits = {split: store.splits[split].logits for split in ("train", "val", "test")}
     students = [m.student for m in members]
+    if logs_to_wandb(base):
+        threading.Thread(target=start_wandb_service, name="kdexp-wandb-service", daemon=True).start()
     with shared.timed("fit"):
         fit = train_pack(students, shuffle_seeds=[int(m.cfg.data.shuffle_seed) for m in members],
                          objectives=[m.objective for m in members], datamodule=datamodule, teacher_logits=logits,
@@ -306,6 +309,31 @@ def _train_members(members: list[Member]) -> None:
         announce_finished(recorder.record, folder)
 
 
+def logs_to_wandb(cfg: Any) -> bool:
+    return bool(cfg.get("logger")) and str(cfg.logger.get("_target_", "")).endswith("wandb_logger")
+
+
+def import_wandb() -> None:
+    """Import what a process's first W&B run imports (wandb, and its launch inputs: about 2 s). A sweep
+    does it before it forks its pack workers, so that it is done once, not once per worker."""
+    try:
+        import wandb  # noqa: F401
+        import wandb.sdk.launch.inputs.internal  # noqa: F401 - wandb.init imports it for every first run
+    except Exception:  # noqa: BLE001 - the members' own wandb.init imports it, and reports what fails
+        log.debug("W&B could not be imported ahead", exc_info=True)
+
+
+def start_wandb_service() -> None:
+    """Start W&B's service process (run in a thread while a pack trains): a process's first W&B run
+    otherwise waits seconds for it, after training, before the members' runs can be replayed."""
+    try:
+        import wandb
+
+        wandb.setup()
+    except Exception:  # noqa: BLE001 - the members' own wandb.init then starts it, and reports what fails
+        log.debug("W&B's service did not start early", exc_info=True)
+
+
 # -- the worker a sweep starts ------------------------------------------------------------
 PACK_GLOB = "pack-*.json"
 
@@ -339,7 +367,7 @@ def work(queue: Path) -> int:
 
     handler = logging.StreamHandler(sys.stderr)  # the same short lines a multirun job prints
     handler.setFormatter(ConsoleFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)  # force: a forked worker
     configure_console(False)
     signal.signal(signal.SIGTERM, _interrupt)  # the sweep stops its workers with SIGTERM: record "interrupted"
     exit_code = 0

@@ -412,6 +412,7 @@ class PackPlan:
     size: int
     packs: list[list[int]] = field(default_factory=list)
     alone: dict[int, str] = field(default_factory=dict)
+    wandb: bool = False  # some packed run logs to W&B
 
     def where(self) -> dict[int, str]:
         out = {i: f"pack {k + 1} of {len(self.packs)}" for k, pack in enumerate(self.packs) for i in pack}
@@ -432,6 +433,7 @@ def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: 
     :func:`kdexp.packed.pack_groups`); a killed single run resumes alone, and a point with no
     partner runs alone (a pack of one shares nothing)."""
     from kdexp.packed import pack_groups
+    from kdexp.packed_runs import logs_to_wandb
     from kdexp.run_folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
 
     records = collect(sweep_dir)
@@ -453,6 +455,7 @@ def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: 
             plan.alone[todo[group[0]]] = "no other point shares its settings"
         else:
             plan.packs.append([todo[j] for j in group])
+    plan.wandb = any(logs_to_wandb(cfgs[i]) for pack in plan.packs for i in pack)
     return plan
 
 
@@ -467,7 +470,7 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
     """Queue the plan's packs and train them in ``jobs`` worker processes (``python -m kdexp.packed_runs``)."""
     import shutil
 
-    from kdexp.packed_runs import write_queue
+    from kdexp.packed_runs import import_wandb, write_queue
 
     hydra_overrides = [f"{key}={values[0]}" for key, values in sweep_axes(spec, overrides).items()
                        if key.startswith("hydra.") and not key.startswith("hydra.launcher") and len(values) == 1]
@@ -476,11 +479,68 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
                          "hydra_overrides": hydra_overrides,
                          "jobs": [job_overrides(spec, overrides, points[i]) for i in pack]} for pack in plan.packs])
     workers = min(jobs, len(plan.packs))
-    command = [sys.executable, "-m", "kdexp.packed_runs", str(queue)]
+    env = worker_env(jobs, "skip")
     try:
-        return _wait_all([_start(command, worker_env(jobs, "skip")) for _ in range(workers)])
+        if _can_fork():
+            if plan.wandb:
+                import_wandb()  # once here, not once in each forked worker
+            return _wait_all([ForkedWorker(queue, env) for _ in range(workers)])
+        return _wait_all([_start([sys.executable, "-m", "kdexp.packed_runs", str(queue)], env)
+                          for _ in range(workers)])
     finally:
         shutil.rmtree(queue, ignore_errors=True)
+
+
+# KDEXP_PACK_FORK=0 starts pack workers as fresh interpreters even where they could be forked.
+PACK_FORK_ENV = "KDEXP_PACK_FORK"
+
+
+def _can_fork() -> bool:
+    """Pack workers are forked on Linux; elsewhere (macOS, Windows) fork is unsafe or absent."""
+    import multiprocessing
+
+    return (os.environ.get(PACK_FORK_ENV, "1") != "0" and sys.platform.startswith("linux")
+            and "fork" in multiprocessing.get_all_start_methods())
+
+
+class ForkedWorker:
+    """A pack worker (:func:`kdexp.packed_runs.work`) forked from this process, in its own process
+    group, with the waiting interface of ``subprocess.Popen`` that :func:`_wait_all` and
+    :func:`_stop_groups` use.
+
+    Why a fork: this process has already imported torch, Lightning and Hydra to check the grid,
+    and a fresh interpreter spends about 10 s importing them again (torchmetrics pulls in
+    transformers), which is a quarter of a 12-run packed sweep. The sweep's own torch never ran
+    a multi-threaded region before the fork (:func:`run_packs` is entered with one thread), so
+    no OpenMP pool is inherited half-alive.
+    """
+
+    def __init__(self, queue: Path, env: dict[str, str]) -> None:
+        import multiprocessing
+
+        self.process = multiprocessing.get_context("fork").Process(target=_forked_work, args=(str(queue), env))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired("kdexp pack worker", timeout or 0)
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+
+def _forked_work(queue: str, env: dict[str, str]) -> None:
+    os.setsid()  # its own process group, as _start gives a subprocess: _stop_groups signals it
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(env)
+    from kdexp.packed_runs import work
+
+    sys.exit(work(Path(queue)))
 
 
 def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:

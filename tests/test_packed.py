@@ -136,7 +136,7 @@ def test_a_packed_epoch_is_each_students_own_epoch_bit_for_bit(width):
     objectives = [HintonKD(4.0, 0.9), HintonKD(2.0, 0.5), CrossEntropyOnly()]
     seeds = [1, 2, 3]
     pack = StudentPack(students)
-    optimizer = torch.optim.Adam(pack.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(pack.optimizer_parameters(), lr=3e-3)
     for epoch in range(2):
         sums = train_epoch(pack, optimizer, x, y, teacher, seeds, epoch, 100, objectives)
     # Bit for bit where the BLAS computes one slice of a batched product as it computes the single
@@ -160,6 +160,35 @@ def test_a_packed_epoch_is_each_students_own_epoch_bit_for_bit(width):
         for name, tensor in student.state_dict().items():
             assert same(pack.state_dict(i)[name], tensor), (i, name)
         assert sums.means(i)["train/loss"] == pytest.approx(float(total / 3), rel=1e-6)  # the mean a single run logs
+    if same is torch.equal:  # the fused Hinton step proved itself bit-identical, and trained these weights
+        assert pack.fused is True
+
+
+def test_a_fused_step_that_differs_from_autograd_is_not_used(monkeypatch):
+    """The first step compares the fused Hinton gradient with autograd's; off by one ulp, the pack trains
+    on autograd's per-student path, and its weights equal a pack that never tried the fused one."""
+    from kdexp import packed
+
+    def train(perturb: bool):
+        torch.manual_seed(0)
+        x, y, teacher = torch.randn(120, 12), torch.randint(0, 5, (120,)), torch.randn(120, 5)
+        pack = StudentPack([MLP([12], 5, width=8) for _ in range(2)])
+        if not perturb:
+            pack.fused = False  # autograd from the start
+        optimizer = torch.optim.Adam(pack.optimizer_parameters(), lr=0.01)
+        for epoch in range(2):
+            train_epoch(pack, optimizer, x, y, teacher, [1, 2], epoch, 40, [HintonKD(4.0, 0.9), HintonKD(2.0, 0.5)])
+        return pack
+
+    loss_and_grad = packed.FusedHinton.loss_and_grad
+    monkeypatch.setattr(packed.FusedHinton, "loss_and_grad",
+                        lambda self, s, t, y: (lambda v, terms, g: (v, terms, torch.nextafter(g, g + 1)))(
+                            *loss_and_grad(self, s, t, y)))
+    fell_back = train(perturb=True)
+    monkeypatch.undo()
+    reference = train(perturb=False)
+    assert fell_back.fused is False
+    assert torch.equal(fell_back.flat, reference.flat)
 
 
 def test_stacked_adam_equals_one_adam_per_student_and_gradients_never_cross():
@@ -167,12 +196,12 @@ def test_stacked_adam_equals_one_adam_per_student_and_gradients_never_cross():
     students = [MLP([10], 4, width=8, depth=2) for _ in range(3)]
     alone = [copy.deepcopy(s) for s in students]
     pack = StudentPack(students)
-    stacked = torch.optim.Adam(pack.parameters(), lr=0.01)
+    stacked = torch.optim.Adam(pack.optimizer_parameters(), lr=0.01)
     separate = [torch.optim.Adam(s.parameters(), lr=0.01) for s in alone]
     for step in range(5):
         x, y = torch.randn(3, 6, 10), torch.randint(0, 4, (3, 6))
         losses = F.cross_entropy(pack.forward(x).reshape(18, 4), y.reshape(18), reduction="none").view(3, 6).mean(1)
-        stacked.zero_grad()
+        pack.zero_grad()
         (losses * torch.tensor([1.0, 0.0, 1.0])).sum().backward()  # student 1 gets no loss this time
         stacked.step()
         for i, (student, optimizer) in enumerate(zip(alone, separate)):
@@ -212,7 +241,7 @@ def test_a_member_whose_loss_goes_nan_fails_alone_and_the_others_train_on_unchan
     results = {}
     for with_broken in (True, False):
         pack = StudentPack(students(with_broken))
-        optimizer = torch.optim.Adam(pack.parameters(), lr=0.01)
+        optimizer = torch.optim.Adam(pack.optimizer_parameters(), lr=0.01)
         seeds = [1, 2, 3] if with_broken else [1, 3]
         objectives = [HintonKD(2.0, 0.5) for _ in seeds]
         for epoch in range(3):
@@ -240,14 +269,16 @@ def test_grid_points_pack_by_everything_but_seed_temperature_and_alpha(tmp_path)
 
 
 def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
-    """An lr schedule cannot pack: those points run in the multirun after the pack, the others in it."""
+    """An lr schedule cannot pack: those points run in the multirun after the pack, the others in it.
+    The pack's worker is a fresh interpreter here (KDEXP_PACK_FORK=0), as on macOS: the smoke sweep
+    of test_sweep.py covers forked workers."""
     sweep = tmp_path / "mixed.yaml"
     sweep.write_text(yaml.safe_dump({"name": "mixed", "method": "grid", "parameters": {
         "experiment": {"value": "digits_smoke"}, "kd.temperature": {"value": 4}, "seed": {"values": [1, 2]},
         "scheduler": {"values": ["none", "cosine"]}, "student.width": {"value": 16},
         "trainer.max_epochs": {"value": 2}, "teacher.max_epochs": {"value": 2}, "logger": {"value": "csv"}}}))
     proc = run_cli(["sweep", str(sweep), "--pack", "4", "--dir", str(tmp_path / "out")], tmp_path / "cache",
-                   module="kdexp.cli")
+                   module="kdexp.cli", extra_env={"KDEXP_PACK_FORK": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--pack 4: 2 run(s) in 1 pack(s), 2 alone" in proc.stdout and "alone (2): lr schedulers" in proc.stdout
     assert "4 runs — 4 finished" in proc.stdout and "2 run(s) outside the packs" in proc.stdout
