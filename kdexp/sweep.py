@@ -467,7 +467,8 @@ def job_overrides(spec: SweepSpec, overrides: list[str], point: GridPoint) -> li
 
 def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], plan: PackPlan, sweep_dir: Path,
               jobs: int, force: bool) -> int:
-    """Queue the plan's packs and train them in ``jobs`` worker processes (``python -m kdexp.packed_runs``)."""
+    """Queue the plan's packs and train them in ``jobs`` worker processes (:class:`ForkedWorker`, or
+    ``python -m kdexp.packed_runs`` where this process cannot fork)."""
     import shutil
 
     from kdexp.packed_runs import import_wandb, write_queue
@@ -535,12 +536,17 @@ class ForkedWorker:
 def _forked_work(queue: str, env: dict[str, str]) -> None:
     os.setsid()  # its own process group, as _start gives a subprocess: _stop_groups signals it
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
     os.environ.clear()
     os.environ.update(env)
     from kdexp.packed_runs import work
 
-    sys.exit(work(Path(queue)))
+    try:
+        sys.exit(work(Path(queue)))
+    finally:
+        # a forked process ends without running atexit hooks, where W&B stops its service
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
 
 
 def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:
