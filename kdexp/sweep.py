@@ -358,7 +358,9 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
     returncode = 0
     try:
         env = worker_env(jobs, "rerun" if force else "skip")
-        if plan is not None and plan.packs:
+        if not force and set(points) <= skipped:  # a multirun would only start jobs that skip themselves
+            print("  every run is already finished: nothing to run (--force runs them again)", flush=True)
+        elif plan is not None and plan.packs:
             returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force)
             records = collect(sweep_dir)
             left = [points[i] for i in plan.alone] + [

@@ -98,6 +98,7 @@ def test_rerun_skips_finished_runs_and_force_archives_then_reruns(smoke):
     assert dry.stdout.count("skip (finished)") == 16
     again = sweep_cli([str(SMOKE), *FAST, "--dir", str(folder)], base / "cache")
     assert again.returncode == 0 and "0 finished, 16 skipped" in again.stdout
+    assert "every run is already finished: nothing to run" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in folder.glob("*/run_record.json")} == before
 
     one_point = ["kd.temperature=2", "kd.alpha=0.5", "student.width=16", "seed=1"]
