@@ -159,7 +159,7 @@ class EpochSums:
 
     def add(self, step: Step, active: Tensor) -> None:
         """Add ``step``'s loss and terms; members not ``active`` keep their sums."""
-        self.names = [("loss", *names) for names in step.names]
+        self.names = self.names or [("loss", *names) for names in step.names]  # the same every step
         for name, value in {"loss": step.values, **step.terms}.items():
             value = torch.where(active, value.detach(), 0.0)  # x + 0 == x: a stopped member's sum stays
             self.totals[name] = self.totals[name] + value if name in self.totals else value

@@ -514,8 +514,8 @@ class ForkedWorker:
     Why a fork: this process has already imported torch, Lightning and Hydra to check the grid,
     and a fresh interpreter spends about 10 s importing them again (torchmetrics pulls in
     transformers), which is a quarter of a 12-run packed sweep. The sweep's own torch never ran
-    a multi-threaded region before the fork (:func:`run_packs` is entered with one thread), so
-    no OpenMP pool is inherited half-alive.
+    a multi-threaded region before the fork (``kdexp sweep --pack`` sets one thread before it
+    checks the grid), so no OpenMP pool is inherited half-alive.
     """
 
     def __init__(self, queue: Path, env: dict[str, str]) -> None:
