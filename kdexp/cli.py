@@ -52,6 +52,7 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 def sweep_main(argv: list[str]) -> int:
     from kdexp import sweep
+    from kdexp.grid_compose import ComposeAhead
 
     args = sweep_parser().parse_intermixed_args(argv)
     if args.jobs < 1:
@@ -64,23 +65,30 @@ def sweep_main(argv: list[str]) -> int:
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
-    if args.pack:
-        import torch
+    # Hydra composes the grid in a helper process while this one imports torch and Lightning
+    # (before torch is imported here: see kdexp.grid_compose); pack members are composed too.
+    packs_run = bool(args.pack) and not args.dry_run
+    ahead = ComposeAhead(points, sweep.jobs_to_compose(spec, args.overrides, points, sweep_dir) if packs_run else None)
+    try:
+        if args.pack:
+            import torch
 
-        torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
-    cfgs = sweep.check_points(points)  # every point composes and validates, or nothing runs
-    plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
-    if args.dry_run:
-        print(sweep.dry_run(points, sweep_dir, args.force, plan))
-        return 0
-    if args.wandb:
-        path = sweep.create_wandb_sweep(spec, args.overrides, args.project, args.entity)
-        print(f"Created W&B sweep {path} ({len(points)} runs in the grid).\n"
-              f"On every machine that should join (in a checkout with `make setup` done):\n"
-              f"  .venv/bin/wandb agent {path}")
-        return 0
-    return sweep.run_local(spec, points, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
-                           launcher=args.launcher, plan=plan)
+            torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
+        cfgs = sweep.check_points(points, ahead)  # every point composes and validates, or nothing runs
+        plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
+        if args.dry_run:
+            print(sweep.dry_run(points, sweep_dir, args.force, plan))
+            return 0
+        if args.wandb:
+            path = sweep.create_wandb_sweep(spec, args.overrides, args.project, args.entity)
+            print(f"Created W&B sweep {path} ({len(points)} runs in the grid).\n"
+                  f"On every machine that should join (in a checkout with `make setup` done):\n"
+                  f"  .venv/bin/wandb agent {path}")
+            return 0
+        return sweep.run_local(spec, points, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
+                               launcher=args.launcher, plan=plan, composed_jobs=ahead.result().jobs)
+    finally:
+        ahead.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,5 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def entry() -> None:
+    """The ``kdexp`` console command: :func:`main`, then a prompt exit (:mod:`kdexp.processes`)."""
+    from kdexp.processes import exit_now
+
+    try:
+        code: object = main()
+    except SystemExit as stop:  # argparse's --help and usage errors
+        code = stop.code
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -52,35 +52,51 @@ class JobConfig:
 
 def job_configs(sweep_dir: Path, jobs: list[list[str]], hydra_overrides: list[str] | None = None) -> list[JobConfig]:
     """Compose each job's config as Hydra's multirun does (master config, then one sweep config per job)."""
+    return pack_jobs(load_sweep_jobs(sweep_dir, jobs, hydra_overrides))
+
+
+def load_sweep_jobs(sweep_dir: Path, jobs: list[list[str]], hydra_overrides: list[str] | None = None
+                    ) -> list[DictConfig]:
+    """Hydra's own composition of each job (``load_sweep_config`` on the multirun's master config): the
+    costly part of :func:`job_configs`, about 0.3 s a job, which a sweep does ahead in a helper process."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from kdexp.train import CONF_DIR
 
     GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            master = loader.load_configuration("train", [f"hydra.sweep.dir={sweep_dir}", *(hydra_overrides or [])],
+                                               run_mode=RunMode.MULTIRUN)
+            return [loader.load_sweep_config(master, list(overrides)) for overrides in jobs]
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def pack_jobs(loaded: list[DictConfig]) -> list[JobConfig]:
+    """Composed jobs (:func:`load_sweep_jobs`) as the numbered jobs of one pack, each with its output
+    folder and its task config, as Hydra's ``run_job`` sets them up. Takes ownership of ``loaded``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     out = []
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration("train", [f"hydra.sweep.dir={sweep_dir}", *(hydra_overrides or [])],
-                                           run_mode=RunMode.MULTIRUN)
-        for index, overrides in enumerate(jobs):
-            full = loader.load_sweep_config(master, list(overrides))
-            with open_dict(full):
-                full.hydra.job.id = index
-                full.hydra.job.num = index
-                full.hydra.mode = RunMode.MULTIRUN
-            HydraConfig.instance().set_config(full)
-            output_dir = Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)
-            with read_write(full.hydra.runtime), open_dict(full.hydra.runtime):  # as Hydra's run_job sets it
-                full.hydra.runtime.output_dir = str(output_dir.resolve())
-            HydraConfig.instance().set_config(full)
-            task = copy.deepcopy(full)
-            with read_write(task), open_dict(task):
-                del task["hydra"]
-            out.append(JobConfig(full, task, output_dir.resolve()))
-    GlobalHydra.instance().clear()
+    for index, full in enumerate(loaded):
+        with open_dict(full):
+            full.hydra.job.id = index
+            full.hydra.job.num = index
+            full.hydra.mode = RunMode.MULTIRUN
+        HydraConfig.instance().set_config(full)
+        output_dir = Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)
+        with read_write(full.hydra.runtime), open_dict(full.hydra.runtime):  # as Hydra's run_job sets it
+            full.hydra.runtime.output_dir = str(output_dir.resolve())
+        HydraConfig.instance().set_config(full)
+        task = copy.deepcopy(full)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        out.append(JobConfig(full, task, output_dir.resolve()))
     return out
 
 
@@ -360,9 +376,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def work(queue: Path) -> int:
+def work(queue: Path, composed: dict[str, list[DictConfig]] | None = None) -> int:
     """Take packs from ``queue`` until none is left; a pack that fails is recorded in its members'
-    records and the worker goes on to the next one."""
+    records and the worker goes on to the next one.
+
+    ``composed``: the members' Hydra configs (:func:`load_sweep_jobs`) by pack file name, composed
+    ahead by the sweep that forked this worker; a pack not in it is composed here.
+    """
     from kdexp.console import ConsoleFormatter, configure_console
 
     handler = logging.StreamHandler(sys.stderr)  # the same short lines a multirun job prints
@@ -375,7 +395,9 @@ def work(queue: Path) -> int:
         if not take(path):
             continue
         spec = json.loads(path.read_text())
-        jobs = job_configs(Path(spec["sweep_dir"]), spec["jobs"], spec.get("hydra_overrides"))
+        ahead = (composed or {}).get(path.name)
+        jobs = pack_jobs(ahead) if ahead is not None else \
+            job_configs(Path(spec["sweep_dir"]), spec["jobs"], spec.get("hydra_overrides"))
         configure_console(bool(jobs[0].task.get("verbose", False)) if jobs else False)
         log.info("Training a pack of %d students: %s", len(jobs), ", ".join(j.output_dir.name for j in jobs))
         try:

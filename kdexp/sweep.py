@@ -24,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import open_dict
 
 from kdexp.errors import ConfigError, KdexpError
+from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, problem_message
+from kdexp.processes import can_fork, die_with_parent
 from kdexp.records import RECORD_NAME, read_record
-
-GridPoint = tuple[str, ...]  # sorted "key=value" overrides of one run
-
 
 @dataclass
 class SweepSpec:
@@ -140,36 +138,28 @@ def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int =
     return points
 
 
-def check_points(points: list[GridPoint]) -> list[Any]:
+def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> list[Any]:
     """Compose and validate every grid point before anything runs; one message lists all that fail.
     Returns the composed configs, in the order of ``points``.
 
     Catches what would otherwise abort the multirun at its first bad job (an option
     that does not exist, ``kd: hintn``) or fail each run on its own (``kd.temperature=-1``).
     A point from :func:`grid` holds every override of the run (command-line ones included).
+    ``ahead``: the grid, being composed in a helper process (:mod:`kdexp.grid_compose`).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kdexp.train import CONF_DIR
+    import kdexp.data  # noqa: F401 - torch and Lightning, which validation needs: imported while the helper composes
     from kdexp.validation import validate_config
 
+    composed = (ahead or ComposeAhead(points)).result().checks
     problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
-    composed = []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        for point in points:
-            try:
-                cfg = compose("train", overrides=[*point, "paths.root_dir=.", "paths.output_dir=."],
-                              return_hydra_config=False)
-                with open_dict(cfg):
-                    cfg.choices = _choices_of(point)
-                validate_config(cfg)
-                composed.append(cfg)
-            except Exception as err:  # Hydra's composition errors and kdexp's ConfigError alike
-                message = " ".join(str(err).split()).split(" Config search path")[0]
-                problems.setdefault(message[:400], []).append(point)
-    GlobalHydra.instance().clear()
+    for point, cfg in zip(points, composed):
+        try:
+            if isinstance(cfg, str):  # Hydra could not compose it
+                problems.setdefault(cfg, []).append(point)
+                continue
+            validate_config(cfg)
+        except Exception as err:  # kdexp's ConfigError, and what instantiating a bad value raises
+            problems.setdefault(problem_message(err), []).append(point)
     if problems:
         failing = sum(len(v) for v in problems.values())
         lines = [f"  {message}\n    {len(hit)} run{'s' * (len(hit) > 1)}, e.g. {' '.join(hit[0])}"
@@ -177,11 +167,6 @@ def check_points(points: list[GridPoint]) -> list[Any]:
         raise ConfigError(f"{failing} of {len(points)} runs cannot start; nothing was run. Fix the sweep file or "
                           "the overrides:\n" + "\n".join(lines))
     return composed
-
-
-def _choices_of(point: GridPoint) -> dict[str, str]:
-    """Group choices named in a grid point (``kd=hinton``), for messages that name the group."""
-    return {k: v for k, v in (item.split("=", 1) for item in point) if "." not in k}
 
 
 # --launcher / --jobs → the Hydra launcher plugin they need, and how to install it.
@@ -287,16 +272,6 @@ def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool, plan: PackPla
     return "\n".join(lines + tail + [f"{len(points)} runs in {sweep_dir}"])
 
 
-def _die_with_parent() -> None:
-    """In the multirun child: get SIGTERM if the ``kdexp sweep`` process dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: Ctrl-C and SIGTERM are still forwarded by run_local
-
-
 def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
     """SIGTERM each child's process group (runs save last.ckpt and record ``interrupted``), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
@@ -317,7 +292,7 @@ def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
 
 def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """A child in its own process group, which gets SIGTERM if this process dies."""
-    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:
@@ -331,11 +306,13 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
 
 
 def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sweep_dir: Path, jobs: int = 1,
-              force: bool = False, launcher: str = "local", plan: PackPlan | None = None) -> int:
+              force: bool = False, launcher: str = "local", plan: PackPlan | None = None,
+              composed_jobs: list[Any] | None = None) -> int:
     """Run the grid (``points``, from :func:`grid`) as one Hydra multirun; returns 0 when every run finished.
 
     With a ``plan`` (``--pack N``), its packs train first in ``jobs`` worker processes, and the
-    multirun then trains only the points that run alone (or that no pack trained).
+    multirun then trains only the points that run alone (or that no pack trained). ``composed_jobs``:
+    each point's multirun job config, composed ahead (:mod:`kdexp.grid_compose`), for the pack workers.
     The children run in their own process groups, and Ctrl-C, SIGTERM or the death of
     this process stop all of them: no run keeps training after its sweep is gone.
     Interrupted runs record ``interrupted`` and resume when the sweep is run again.
@@ -361,7 +338,7 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
         if not force and set(points) <= skipped:  # a multirun would only start jobs that skip themselves
             print("  every run is already finished: nothing to run (--force runs them again)", flush=True)
         elif plan is not None and plan.packs:
-            returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force)
+            returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force, composed_jobs)
             records = collect(sweep_dir)
             left = [points[i] for i in plan.alone] + [
                 points[i] for pack in plan.packs for i in pack
@@ -467,43 +444,46 @@ def job_overrides(spec: SweepSpec, overrides: list[str], point: GridPoint) -> li
     return [f"{key}={values[key]}" for key in sweep_axes(spec, overrides) if key in values]
 
 
+def pack_hydra_overrides(spec: SweepSpec, overrides: list[str]) -> list[str]:
+    """The sweep's fixed ``hydra.*`` settings, which every multirun job (and pack member) is composed with."""
+    return [f"{key}={values[0]}" for key, values in sweep_axes(spec, overrides).items()
+            if key.startswith("hydra.") and not key.startswith("hydra.launcher") and len(values) == 1]
+
+
+def jobs_to_compose(spec: SweepSpec, overrides: list[str], points: list[GridPoint], sweep_dir: Path
+                    ) -> JobsToCompose:
+    """What composes each point as the multirun job a pack member is written as."""
+    return JobsToCompose(sweep_dir, [job_overrides(spec, overrides, point) for point in points],
+                         pack_hydra_overrides(spec, overrides))
+
+
 def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], plan: PackPlan, sweep_dir: Path,
-              jobs: int, force: bool) -> int:
-    """Queue the plan's packs and train them in ``jobs`` worker processes (:class:`ForkedWorker`, or
-    ``python -m kdexp.packed_runs`` where this process cannot fork)."""
+              jobs: int, force: bool, composed_jobs: list[Any] | None = None) -> int:
+    """Queue the plan's packs and train them in ``jobs`` worker processes (:class:`ForkedWorker`, which
+    is handed the members' configs composed ahead, or ``python -m kdexp.packed_runs`` where this
+    process cannot fork)."""
     import shutil
 
     from kdexp.packed_runs import import_wandb, write_queue
 
-    hydra_overrides = [f"{key}={values[0]}" for key, values in sweep_axes(spec, overrides).items()
-                       if key.startswith("hydra.") and not key.startswith("hydra.launcher") and len(values) == 1]
     queue = sweep_dir / f".packs-{os.getpid()}"
-    write_queue(queue, [{"sweep_dir": str(sweep_dir), "if_finished": "rerun" if force else "skip",
-                         "hydra_overrides": hydra_overrides,
-                         "jobs": [job_overrides(spec, overrides, points[i]) for i in pack]} for pack in plan.packs])
+    paths = write_queue(queue, [{"sweep_dir": str(sweep_dir), "if_finished": "rerun" if force else "skip",
+                                 "hydra_overrides": pack_hydra_overrides(spec, overrides),
+                                 "jobs": [job_overrides(spec, overrides, points[i]) for i in pack]}
+                                for pack in plan.packs])
     workers = min(jobs, len(plan.packs))
     env = worker_env(jobs, "skip")
     try:
-        if _can_fork():
+        if can_fork():
             if plan.wandb:
                 import_wandb()  # once here, not once in each forked worker
-            return _wait_all([ForkedWorker(queue, env) for _ in range(workers)])
+            composed = None if composed_jobs is None else \
+                {path.name: [composed_jobs[i] for i in pack] for path, pack in zip(paths, plan.packs)}
+            return _wait_all([ForkedWorker(queue, env, composed) for _ in range(workers)])
         return _wait_all([_start([sys.executable, "-m", "kdexp.packed_runs", str(queue)], env)
                           for _ in range(workers)])
     finally:
         shutil.rmtree(queue, ignore_errors=True)
-
-
-# KDEXP_PACK_FORK=0 starts pack workers as fresh interpreters even where they could be forked.
-PACK_FORK_ENV = "KDEXP_PACK_FORK"
-
-
-def _can_fork() -> bool:
-    """Pack workers are forked on Linux; elsewhere (macOS, Windows) fork is unsafe or absent."""
-    import multiprocessing
-
-    return (os.environ.get(PACK_FORK_ENV, "1") != "0" and sys.platform.startswith("linux")
-            and "fork" in multiprocessing.get_all_start_methods())
 
 
 class ForkedWorker:
@@ -518,10 +498,11 @@ class ForkedWorker:
     checks the grid), so no OpenMP pool is inherited half-alive.
     """
 
-    def __init__(self, queue: Path, env: dict[str, str]) -> None:
+    def __init__(self, queue: Path, env: dict[str, str], composed: dict[str, list[Any]] | None = None) -> None:
         import multiprocessing
 
-        self.process = multiprocessing.get_context("fork").Process(target=_forked_work, args=(str(queue), env))
+        self.process = multiprocessing.get_context("fork").Process(target=_forked_work,
+                                                                   args=(str(queue), env, composed))
         self.process.start()
         self.pid = self.process.pid
 
@@ -535,16 +516,16 @@ class ForkedWorker:
         return self.process.exitcode
 
 
-def _forked_work(queue: str, env: dict[str, str]) -> None:
+def _forked_work(queue: str, env: dict[str, str], composed: dict[str, list[Any]] | None) -> None:
     os.setsid()  # its own process group, as _start gives a subprocess: _stop_groups signals it
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
     os.environ.clear()
     os.environ.update(env)
     from kdexp.packed_runs import work
 
     try:
-        sys.exit(work(Path(queue)))
+        sys.exit(work(Path(queue), composed))
     finally:
         # a forked process ends without running atexit hooks, where W&B stops its service
         if "wandb" in sys.modules:

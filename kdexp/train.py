@@ -219,5 +219,17 @@ def main() -> None:
         raise
 
 
+def entry() -> None:
+    """The ``kdexp-train`` command and ``python -m kdexp.train``: :func:`main`, then a prompt exit
+    (:mod:`kdexp.processes`); a multirun's main process ends this way too."""
+    from kdexp.processes import exit_now
+
+    try:
+        main()
+    except SystemExit as stop:
+        exit_now(stop.code)
+    exit_now(0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

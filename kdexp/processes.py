@@ -1,0 +1,68 @@
+"""How kdexp forks, links and ends its processes.
+
+Forking (:func:`can_fork`): on Linux a sweep forks its helpers (the grid's Hydra composition,
+the pack workers) from its own process, which has already imported what they need.
+``KDEXP_FORK=0``, and every other system, starts fresh interpreters or works in-process instead.
+
+Ending (:func:`exit_now`): after torch, Lightning and W&B are imported, Python's own shutdown (freeing every module
+and object one by one) takes 1.5–2.5 s on the 2-core machines the README's figures come
+from, after every result is written and printed. A command-line entry ends with
+:func:`exit_now` instead: it runs the ``atexit`` handlers (W&B's teardown, logging's final
+flush, multiprocessing's joins), flushes the console, and ends the process at once.
+Library calls (``kdexp.cli.main([...])`` in tests or notebooks) never exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+from typing import NoReturn
+
+# KDEXP_FORK=0: no forked helpers (pack workers start as fresh interpreters, the grid composes in
+# the sweep's own process), as on systems where fork is unsafe or absent.
+FORK_ENV = "KDEXP_FORK"
+
+
+def can_fork() -> bool:
+    """Whether this process may fork its helpers: Linux, unless ``KDEXP_FORK=0``; elsewhere (macOS,
+    Windows) fork is unsafe or absent."""
+    import multiprocessing
+
+    return (os.environ.get(FORK_ENV, "1") != "0" and sys.platform.startswith("linux")
+            and "fork" in multiprocessing.get_all_start_methods())
+
+
+def die_with_parent() -> None:
+    """In a child: get SIGTERM if its parent dies, even by SIGKILL (Linux; elsewhere Ctrl-C and
+    SIGTERM are still forwarded by the sweep)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def exit_code(code: object) -> int:
+    """What ``sys.exit(code)`` would end with: None is 0, an int is itself, anything else is
+    printed to stderr and ends with 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def exit_now(code: object) -> NoReturn:
+    """End the process with ``code`` (as ``sys.exit`` reads it), skipping the interpreter's teardown."""
+    status = exit_code(code)
+    atexit._run_exitfuncs()  # the handlers a normal exit runs; only module teardown is skipped
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`kdexp ... | head`) or a closed stream
+            pass
+    os._exit(status)
