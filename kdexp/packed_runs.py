@@ -80,8 +80,10 @@ def pack_jobs(loaded: list[DictConfig]) -> list[JobConfig]:
     """Composed jobs (:func:`load_sweep_jobs`) as the numbered jobs of one pack, each with its output
     folder and its task config, as Hydra's ``run_job`` sets them up. Takes ownership of ``loaded``."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
     from hydra.types import RunMode
 
+    setup_globals()  # Hydra's resolvers (${hydra:...}), as its launchers register them before running jobs
     out = []
     for index, full in enumerate(loaded):
         with open_dict(full):

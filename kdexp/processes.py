@@ -4,11 +4,12 @@ Forking (:func:`can_fork`): on Linux a sweep forks its helpers (the grid's Hydra
 the pack workers) from its own process, which has already imported what they need.
 ``KDEXP_FORK=0``, and every other system, starts fresh interpreters or works in-process instead.
 
-Ending (:func:`exit_now`): after torch, Lightning and W&B are imported, Python's own shutdown (freeing every module
-and object one by one) takes 1.5–2.5 s on the 2-core machines the README's figures come
-from, after every result is written and printed. A command-line entry ends with
-:func:`exit_now` instead: it runs the ``atexit`` handlers (W&B's teardown, logging's final
-flush, multiprocessing's joins), flushes the console, and ends the process at once.
+Ending (:func:`exit_now`): after torch, Lightning and W&B are imported, Python's own
+shutdown (freeing every module and object one by one) takes 1.5–2.5 s on the 2-core machines
+the README's figures come from, after every result is written and printed. A command-line
+entry ends with :func:`exit_now` instead: it does what an exit does before that teardown
+(joins threads, runs the ``atexit`` handlers: W&B's teardown, logging's final flush,
+multiprocessing's joins), flushes the console, and ends the process at once.
 Library calls (``kdexp.cli.main([...])`` in tests or notebooks) never exit.
 """
 
@@ -18,6 +19,7 @@ import atexit
 import os
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 # KDEXP_FORK=0: no forked helpers (pack workers start as fresh interpreters, the grid composes in
@@ -59,7 +61,13 @@ def exit_code(code: object) -> int:
 def exit_now(code: object) -> NoReturn:
     """End the process with ``code`` (as ``sys.exit`` reads it), skipping the interpreter's teardown."""
     status = exit_code(code)
-    atexit._run_exitfuncs()  # the handlers a normal exit runs; only module teardown is skipped
+    # What Python's own exit does first, in its order: wait for non-daemon threads and run
+    # threading's exit callbacks (joblib's loky workers are told to stop there), then the atexit
+    # handlers. Only the teardown of modules and objects after them is skipped.
+    shutdown_threads = getattr(threading, "_shutdown", None)
+    if shutdown_threads is not None:
+        shutdown_threads()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
