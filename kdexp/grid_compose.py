@@ -106,16 +106,16 @@ class ComposeAhead:
     def __init__(self, points: list[GridPoint], jobs: JobsToCompose | None = None) -> None:
         self.points, self.jobs = points, jobs
         self._result: ComposedGrid | None = None
-        self._process: Any = None
+        self.process: Any = None  # the helper (a multiprocessing.Process), None when composing here
         self._conn: Any = None
         if can_fork():
             import multiprocessing
 
             context = multiprocessing.get_context("fork")
             self._conn, child_end = context.Pipe(duplex=False)
-            self._process = context.Process(target=_compose_and_send, args=(points, jobs, child_end),
+            self.process = context.Process(target=_compose_and_send, args=(points, jobs, child_end),
                                             name="kdexp-compose", daemon=True)
-            self._process.start()
+            self.process.start()
             child_end.close()
 
     def result(self) -> ComposedGrid:
@@ -133,11 +133,11 @@ class ComposeAhead:
 
     def close(self) -> None:
         """Stop the helper (when its result is not needed, e.g. ``--dry-run``) and release the pipe."""
-        if self._process is not None:
-            if self._process.is_alive():
-                self._process.kill()
-            self._process.join()
-            self._process = None
+        if self.process is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join()
+            self.process = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -270,7 +270,7 @@ def test_grid_points_pack_by_everything_but_seed_temperature_and_alpha(tmp_path)
 
 def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
     """An lr schedule cannot pack: those points run in the multirun after the pack, the others in it.
-    The pack's worker is a fresh interpreter here (KDEXP_PACK_FORK=0), as on macOS: the smoke sweep
+    The pack's worker is a fresh interpreter here (KDEXP_FORK=0), as on macOS: the smoke sweep
     of test_sweep.py covers forked workers."""
     sweep = tmp_path / "mixed.yaml"
     sweep.write_text(yaml.safe_dump({"name": "mixed", "method": "grid", "parameters": {
@@ -278,7 +278,7 @@ def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
         "scheduler": {"values": ["none", "cosine"]}, "student.width": {"value": 16},
         "trainer.max_epochs": {"value": 2}, "teacher.max_epochs": {"value": 2}, "logger": {"value": "csv"}}}))
     proc = run_cli(["sweep", str(sweep), "--pack", "4", "--dir", str(tmp_path / "out")], tmp_path / "cache",
-                   module="kdexp.cli", extra_env={"KDEXP_PACK_FORK": "0"})
+                   module="kdexp.cli", extra_env={"KDEXP_FORK": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--pack 4: 2 run(s) in 1 pack(s), 2 alone" in proc.stdout and "alone (2): lr schedulers" in proc.stdout
     assert "4 runs — 4 finished" in proc.stdout and "2 run(s) outside the packs" in proc.stdout
