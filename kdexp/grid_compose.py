@@ -16,6 +16,7 @@ was killed), the sweep composes the grid itself.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ def compose_grid(points: list[GridPoint], jobs: JobsToCompose | None = None) -> 
 
 
 def _compose_and_send(points: list[GridPoint], jobs: JobsToCompose | None, conn: Any) -> None:
+    # Ctrl-C is the sweep's to handle: it stops this helper itself (ComposeAhead.close), with no
+    # second traceback from here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(compose_grid(points, jobs))
     conn.close()
 
