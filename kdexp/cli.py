@@ -135,13 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``kdexp`` console command: :func:`main`, then a prompt exit (:mod:`kdexp.processes`)."""
-    from kdexp.processes import exit_now
+    from kdexp.processes import run_then_exit
 
-    try:
-        code: object = main()
-    except SystemExit as stop:  # argparse's --help and usage errors
-        code = stop.code
-    exit_now(code)
+    run_then_exit(main)
 
 
 if __name__ == "__main__":

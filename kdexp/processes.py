@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 # KDEXP_FORK=0: no forked helpers (pack workers start as fresh interpreters, the grid composes in
@@ -74,3 +75,13 @@ def exit_now(code: object) -> NoReturn:
         except (OSError, ValueError):  # a closed pipe (`kdexp ... | head`) or a closed stream
             pass
     os._exit(status)
+
+
+def run_then_exit(main: Callable[[], object]) -> NoReturn:
+    """A console entry: ``main()``, its return value (or ``SystemExit`` code) as the exit code, then
+    :func:`exit_now`."""
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse's --help and usage errors, Hydra's exits
+        code = stop.code
+    exit_now(code)

@@ -26,9 +26,10 @@ from typing import Any
 import yaml
 
 from kdexp.errors import ConfigError, KdexpError
-from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, problem_message
+from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
 from kdexp.processes import can_fork, die_with_parent
 from kdexp.records import RECORD_NAME, read_record
+
 
 @dataclass
 class SweepSpec:
@@ -150,7 +151,7 @@ def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> 
     import kdexp.data  # noqa: F401 - torch and Lightning, which validation needs: imported while the helper composes
     from kdexp.validation import validate_config
 
-    composed = (ahead or ComposeAhead(points)).result().checks
+    composed = (ahead.result() if ahead is not None else compose_grid(points)).checks
     problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
     for point, cfg in zip(points, composed):
         try:

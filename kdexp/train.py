@@ -222,13 +222,9 @@ def main() -> None:
 def entry() -> None:
     """The ``kdexp-train`` command and ``python -m kdexp.train``: :func:`main`, then a prompt exit
     (:mod:`kdexp.processes`); a multirun's main process ends this way too."""
-    from kdexp.processes import exit_now
+    from kdexp.processes import run_then_exit
 
-    try:
-        main()
-    except SystemExit as stop:
-        exit_now(stop.code)
-    exit_now(0)
+    run_then_exit(main)
 
 
 if __name__ == "__main__":
