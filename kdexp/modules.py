@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics import MaxMetric
 
 from kdexp.errors import NonFiniteLossError
+from kdexp.metrics import EvalMetrics, settings_in_force
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
-from kdexp.objectives.base import UNLABELLED, DistillationObjective, ModelOutputs, total_loss
+from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
 from kdexp.teacher_outputs import TeacherOutputStore, as_teacher_input
@@ -38,61 +37,6 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 # best.ckpt and last.ckpt come from two ModelCheckpoint callbacks on purpose (conf/callbacks/default.yaml);
 # the first, best.ckpt's, is the one ckpt_path="best" should use.
 warnings.filterwarnings("ignore", message=r".*configured with multiple `ModelCheckpoint` callbacks.*")
-
-
-class EvalMetrics(nn.Module):
-    """Accuracy and calibration of a classifier, plus agreement with a teacher when given one."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")
-        self.agreement = MeanMetric()
-        self.kl_teacher = MeanMetric()
-        self.nll = MeanMetric()  # mean negative log-likelihood of the targets, in nats
-        self.has_teacher = False
-        self.sequence = False
-
-    def update(self, logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> None:
-        if logits.dim() == 3:  # a language model: every labelled position is one prediction
-            self.sequence = True
-            valid = targets != UNLABELLED
-            logits, targets = logits[valid], targets[valid]
-            teacher_logits = teacher_logits[valid] if teacher_logits is not None else None
-        logits = logits.float()
-        self.nll.update(F.cross_entropy(logits, targets, reduction="none"))
-        self.acc.update(logits, targets)
-        self.ece.update(logits.softmax(-1), targets)
-        if teacher_logits is not None:
-            self.has_teacher = True
-            teacher_logits = teacher_logits.float()
-            self.agreement.update((logits.argmax(-1) == teacher_logits.argmax(-1)).float())
-            # KL(teacher ‖ student) at T = 1, per sample.
-            kl = F.kl_div(logits.log_softmax(-1), teacher_logits.log_softmax(-1), reduction="none", log_target=True)
-            self.kl_teacher.update(kl.sum(-1))
-
-    def compute(self) -> dict[str, Tensor]:
-        out = {"acc": self.acc.compute(), "ece": self.ece.compute(), "nll": self.nll.compute()}
-        if self.sequence:  # per token: perplexity, and bits per token (= per byte for byte-level text)
-            out["ppl"] = out["nll"].exp()
-            out["bpb"] = out["nll"] / math.log(2)
-        if self.has_teacher:
-            out["agreement"] = self.agreement.compute()
-            out["kl_teacher"] = self.kl_teacher.compute()
-        return out
-
-    def reset(self) -> None:
-        for metric in (self.acc, self.ece, self.agreement, self.kl_teacher, self.nll):
-            metric.reset()
-
-
-def settings_in_force(objective: DistillationObjective, schedules: Mapping[str, Schedule] | None = None
-                      ) -> dict[str, float]:
-    """An objective's numeric knobs and scheduled settings as they stand, as ``train/<name>``."""
-    scheduled = [n for n in (schedules or {}) if n not in objective.knobs]
-    values = {name: getattr(objective, name, None) for name in [*objective.knobs, *scheduled]}
-    return {f"train/{name}": float(v) for name, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # Attributes set on the module many times per training step: Lightning sets

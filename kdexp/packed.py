@@ -369,8 +369,8 @@ def accuracy(outputs: Evaluated) -> Tensor:
 def member_metrics(outputs: Evaluated, i: int, teacher_logits: Tensor, num_classes: int,
                    metrics: Any = None) -> dict[str, float]:
     """Member ``i``'s evaluation metrics, updated batch by batch by the class single runs log them with
-    (``metrics``: an :class:`~kdexp.modules.EvalMetrics` to reuse, reset after, as a run resets its own)."""
-    from kdexp.modules import EvalMetrics
+    (``metrics``: an :class:`~kdexp.metrics.EvalMetrics` to reuse, reset after, as a run resets its own)."""
+    from kdexp.metrics import EvalMetrics
 
     metrics = metrics if metrics is not None else EvalMetrics(num_classes)
     for logits, targets, index in outputs:
@@ -456,7 +456,7 @@ def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], o
     ``teacher_logits``: the cached teacher logits of every split, looked up by sample index.
     ``early_stopping``: each member stops on its own, its last snapshot taken at its last epoch.
     """
-    from kdexp.modules import EvalMetrics, settings_in_force
+    from kdexp.metrics import EvalMetrics, settings_in_force
 
     pack = StudentPack(students)
     val_metrics = [EvalMetrics(num_classes) for _ in students]
