@@ -80,8 +80,10 @@ def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, 
     import pytorch_lightning as pl
 
     from kdexp.config import instantiate
+    from kdexp.data.lightning import for_trainer
+    from kdexp.fitting import build_trainer
     from kdexp.modules import DistillationModule
-    from kdexp.pipeline import build_trainer
+    from kdexp.seeding import seed_everything
 
     class EpochClock(pl.Callback):
         def __init__(self) -> None:
@@ -94,7 +96,7 @@ def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, 
             if batch_idx == trainer.num_training_batches - 1:
                 self.seconds.append(time.perf_counter() - self._start)
 
-    pl.seed_everything(1, verbose=False)
+    seed_everything(1)
     student = instantiate(cfg.student, width=width)
     module = DistillationModule(model=student, teacher=teacher.model, objective=objective,
                                 optimizer=instantiate(cfg.optimizer), num_classes=int(cfg.data.num_classes),
@@ -103,7 +105,7 @@ def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, 
         trainer = build_trainer(cfg, Path(folder), None, max_epochs=epochs)
         clock = EpochClock()
         trainer.callbacks.insert(0, clock)
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=for_trainer(datamodule))
     return clock.seconds
 
 
@@ -221,12 +223,10 @@ def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, t
 def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeats: int, epochs: int
                ) -> list[dict[str, Any]]:
     """Median epoch time of N students trained together (packed) and of one kdexp student (cached KD)."""
-    import pytorch_lightning as pl
-    import torch
-
     from kdexp.config import instantiate
     from kdexp.objectives import HintonKD
     from kdexp.packed import StudentPack, train_epoch
+    from kdexp.seeding import seed_everything
     from kdexp.teacher_source import get_teacher_outputs
 
     cfg, datamodule, teacher = bench_setup(overrides)
@@ -236,7 +236,7 @@ def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeat
     def packed(width: int, size: int) -> list[float]:
         students = []
         for seed in range(1, size + 1):
-            pl.seed_everything(seed, verbose=False)
+            seed_everything(seed)
             students.append(instantiate(cfg.student, width=width))
         pack = StudentPack(students)
         optimizer = instantiate(cfg.optimizer)(pack.optimizer_parameters())

@@ -47,20 +47,34 @@ class ConsoleFormatter(logging.Formatter):
         return self._flagged.format(record) if record.levelno >= logging.WARNING else super().format(record)
 
 
-def configure_console(verbose: bool) -> None:
+_verbose: bool | None = None  # the verbosity the last configure_console chose (None: not called)
+
+
+def configure_console(verbose: bool, lightning: bool = True) -> None:
     """Quiet Lightning and its warning (``verbose=False``), or let everything through (``True``).
 
-    Call it at the start of a run, after Lightning is imported (importing it sets its
-    loggers back to INFO; it is imported here, so the order cannot go wrong).
+    Call it at the start of a run. Importing Lightning sets its loggers back to INFO, so this
+    imports it first (``lightning=False``: not, for a process that may never need it, such as
+    a packed sweep's worker; :mod:`kdexp.fitting` applies the choice when it imports Lightning).
     """
-    import pytorch_lightning  # noqa: F401  (sets its loggers' levels at import: do that first)
-
-    for name in LIGHTNING_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    global _verbose
+    _verbose = verbose
+    if lightning:
+        import pytorch_lightning  # noqa: F401  (sets its loggers' levels at import: do that first)
+    quiet_lightning()
     # kdexp logs its details at DEBUG; quiet, the "kdexp" logger inherits the root's level.
     logging.getLogger("kdexp").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # The newest filter wins, and filterwarnings drops an identical older one first.
     warnings.filterwarnings("default" if verbose else "ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+
+
+def quiet_lightning() -> None:
+    """Set Lightning's loggers to the chosen verbosity (again, after importing Lightning resets them);
+    nothing when no run has chosen one (a library call keeps Lightning's own levels)."""
+    if _verbose is None:
+        return
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if _verbose else logging.WARNING)
 
 
 def wandb_user_chose_verbosity() -> bool:

@@ -175,14 +175,15 @@ def member_checkpoint(snapshot: Any, steps_per_epoch: int, optimizer_state: dict
                       ) -> dict[str, Any]:
     """A Lightning-layout checkpoint of one member: ``model.*`` weights, the epoch and global step of
     the snapshot, and the metrics of that epoch. ``last.ckpt`` also holds the member's optimiser state."""
-    import pytorch_lightning as pl
+    from importlib.metadata import version
+
     import torch
 
     state = {f"model.{name}": tensor for name, tensor in snapshot.weights.items()}
     state["val_acc_best.max_value"] = torch.tensor(snapshot.metrics["val/acc_best"])
     checkpoint: dict[str, Any] = {
         "epoch": snapshot.epoch, "global_step": (snapshot.epoch + 1) * steps_per_epoch,
-        "pytorch-lightning_version": pl.__version__, "state_dict": state,
+        "pytorch-lightning_version": version("pytorch-lightning"), "state_dict": state,
         "kdexp": {"metrics": dict(snapshot.metrics), "packed": True},
     }
     if optimizer_state is not None:
@@ -235,12 +236,11 @@ def train_members(members: list[Member]) -> None:
 
 
 def _train_members(members: list[Member]) -> None:
-    import pytorch_lightning as pl
-
     from kdexp.config import instantiate, objective_node
     from kdexp.errors import ConfigError
     from kdexp.files import atomic_torch_save
     from kdexp.records import PartTimer
+    from kdexp.seeding import seed_everything
     from kdexp.models.zoo import count_parameters
     from kdexp.packed import early_stopping_of, test_pack, train_pack
     from kdexp.pipeline import (apply_num_threads, build_logger, checkpoint_files, data_sizes, get_teacher,
@@ -268,7 +268,7 @@ def _train_members(members: list[Member]) -> None:
                                **teacher_fields(teacher))
     for member in members:  # seeded and built in the order run_experiment builds them
         cfg = member.cfg
-        pl.seed_everything(int(cfg.seed), verbose=False)
+        seed_everything(int(cfg.seed))
         member.objective = instantiate(objective_node(cfg), what="kd")
         member.student = instantiate(cfg.student)
         job_type = "distill" if member.objective.needs_teacher else "baseline"
@@ -308,7 +308,7 @@ def _train_members(members: list[Member]) -> None:
         record = recorder.record
         with recorder.timed("logger_start"):
             logger = build_logger(member.cfg, folder, record["run_name"], record["job_type"], member.wandb_config,
-                                  objective_name=member.objective.name)
+                                  objective_name=member.objective.name, lightning=False)
         recorder.update(wandb=wandb_run_info(logger))
         if logger is not None:
             replay_history(logger, outcome, fit.steps_per_epoch, teacher.test_acc)
@@ -390,7 +390,7 @@ def work(queue: Path, composed: dict[str, list[DictConfig]] | None = None) -> in
     handler = logging.StreamHandler(sys.stderr)  # the same short lines a multirun job prints
     handler.setFormatter(ConsoleFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)  # force: a forked worker
-    configure_console(False)
+    configure_console(False, lightning=False)  # packs train without Lightning
     signal.signal(signal.SIGTERM, _interrupt)  # the sweep stops its workers with SIGTERM: record "interrupted"
     exit_code = 0
     for path in sorted(queue.glob(PACK_GLOB)):
@@ -400,7 +400,7 @@ def work(queue: Path, composed: dict[str, list[DictConfig]] | None = None) -> in
         ahead = (composed or {}).get(path.name)
         jobs = pack_jobs(ahead) if ahead is not None else \
             job_configs(Path(spec["sweep_dir"]), spec["jobs"], spec.get("hydra_overrides"))
-        configure_console(bool(jobs[0].task.get("verbose", False)) if jobs else False)
+        configure_console(bool(jobs[0].task.get("verbose", False)) if jobs else False, lightning=False)
         log.info("Training a pack of %d students: %s", len(jobs), ", ".join(j.output_dir.name for j in jobs))
         try:
             run_pack(jobs, spec.get("if_finished", "skip"))

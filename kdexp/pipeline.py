@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import Logger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from kdexp.chain import assistant_config, chain_of, lineage_entry, route_of, stage_key
@@ -28,14 +23,14 @@ from kdexp.config import choice, choices, instantiate, objective_node, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
 from kdexp.errors import CheckpointError, ConfigError, RunInterrupted
-from kdexp.files import load_weights, storage_error
+from kdexp.files import storage_error
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
-from kdexp.modules import DistillationModule, SupervisedModule
 from kdexp.objectives.base import UNLABELLED, DistillationObjective
 from kdexp.records import RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
+from kdexp.seeding import seed_everything
 from kdexp.tasks import AUTO, task_of
 from kdexp.teacher import INIT_FILE_ROLE, Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
 from kdexp.teacher_source import get_teacher_outputs, read_predictions, teacher_of_predictions
@@ -61,60 +56,11 @@ def evaluate_accuracy(model: nn.Module, batches: IndexBatches) -> float:
     return correct / max(total, 1)
 
 
-class StopWatcher(pl.Callback):
-    """Remembers the exception that stopped ``fit``.
-
-    Lightning turns Ctrl-C into ``sys.exit(1)`` and SIGTERM into a ``SystemExit``;
-    this is how the run tells an interruption (resumable) from a failure.
-    """
-
-    def __init__(self) -> None:
-        self.exception: BaseException | None = None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.exception = exception
-
-
-@contextmanager
-def preemption_signals_stop_gracefully(trainer: pl.Trainer) -> Iterator[None]:
-    """While fitting, make SIGUSR1 (SLURM's pre-emption warning) stop training like SIGTERM does.
-
-    Lightning stops after the current batch on SIGTERM (its signal connector), and the
-    ``last_checkpoint`` callback (``save_on_exception``) then writes ``last.ckpt``. Under
-    SLURM, Lightning's own SIGUSR1 handler (checkpoint and requeue) stays in charge, as
-    does any handler installed before (submitit's); elsewhere SIGUSR1 would kill the
-    process outright, so it is routed to the same graceful stop.
-    """
-    from pytorch_lightning.plugins.environments import SLURMEnvironment
-
-    connector = getattr(trainer, "_signal_connector", None)
-    usr1 = getattr(signal, "SIGUSR1", None)
-    if connector is None or usr1 is None or SLURMEnvironment.detect() or signal.getsignal(usr1) != signal.SIG_DFL:
-        yield
-        return
-    signal.signal(usr1, lambda signum, frame: setattr(connector, "received_sigterm", True))
-    try:
-        yield
-    finally:
-        signal.signal(usr1, signal.SIG_DFL)
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, logger: Logger | None, max_epochs: int | None = None) -> pl.Trainer:
-    """The configured Trainer, with checkpoints under ``output_dir/checkpoints``."""
-    callbacks = [instantiate(node, what="callbacks") for node in (cfg.get("callbacks") or {}).values() if node]
-    for callback in callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str(output_dir / "checkpoints")  # beside the run's record, not lightning_logs/
-    callbacks.append(StopWatcher())
-    overrides: dict[str, Any] = {"default_root_dir": str(output_dir)}
-    if max_epochs is not None:
-        overrides["max_epochs"] = max_epochs
-    return instantiate(cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks, **overrides)
-
-
 def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
-                 run_id: str | None = None, objective_name: str = "ce") -> Logger | None:
-    """The configured experiment logger (``logger=none`` gives None); ``run_id`` continues that W&B run.
+                 run_id: str | None = None, objective_name: str = "ce", lightning: bool = True) -> Any:
+    """The configured experiment logger, a Lightning ``Logger`` (``logger=none`` gives None); ``run_id``
+    continues that W&B run. ``lightning=False``: kdexp's W&B logger gives its run as a
+    :class:`~kdexp.tracking.WandbRun`, without importing Lightning (other loggers are Lightning's).
 
     Tags name the objective actually used (``objective_name``), not the ``kd`` option it
     was composed from: a plug-in set with ``kd._target_=...`` is tagged as itself.
@@ -129,59 +75,9 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
                          *cfg.get("tags", []), *cfg.logger.tags]
     if run_id:
         extra["run_id"] = run_id
+    if not lightning and cfg.logger.get("_target_") == "kdexp.tracking.wandb_logger":
+        extra["lightning"] = False
     return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
-
-
-def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMemoryDataModule,
-                 ckpt_path: Path | None = None, recorder: RunRecorder | None = None) -> dict[str, float]:
-    """Fit (continuing from ``ckpt_path`` when given), then test at the last epoch
-    (``test/*_last``) and at the best-val checkpoint (``test/*``).
-
-    Checkpoints are read weights-only: resuming never runs code from a file.
-    """
-    timed = recorder.timed if recorder is not None else _untimed
-    if ckpt_path is not None:
-        load_weights(ckpt_path, what="checkpoint to resume from")  # refuses, with a clear message, a file that runs code
-    try:
-        with preemption_signals_stop_gracefully(trainer), timed("fit"):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                        weights_only=True)
-    except SystemExit as stop:
-        raise_if_interrupted(trainer, stop)
-        raise
-    if trainer.current_epoch < 1 or trainer.global_step < 1:
-        raise ConfigError(f"training ran {trainer.current_epoch} epochs ({trainer.global_step} steps): nothing was "
-                          "trained, so there is no result to record. Check trainer.max_epochs / max_steps / "
-                          "limit_train_batches.")
-    metrics = dict(module.restored_metrics)  # a resumed run with no epoch left still reports its last epoch
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
-    with timed("test"):
-        module.test_suffix = "_last"
-        metrics.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
-        module.test_suffix = ""
-        has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-        metrics.update(trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None,
-                                    weights_only=True, verbose=False)[0])
-    if has_best:
-        metrics["best_val_score"] = float(trainer.checkpoint_callback.best_model_score)
-    return metrics
-
-
-@contextmanager
-def _untimed(part: str) -> Iterator[None]:
-    yield
-
-
-def raise_if_interrupted(trainer: pl.Trainer, stop: SystemExit) -> None:
-    """Turn Lightning's exit after Ctrl-C or SIGTERM into :class:`RunInterrupted`."""
-    watcher = next((cb for cb in trainer.callbacks if isinstance(cb, StopWatcher)), None)
-    cause = watcher.exception if watcher is not None else None
-    if isinstance(cause, KeyboardInterrupt) or isinstance(stop, SIGTERMException) or isinstance(cause, SIGTERMException):
-        what = "Ctrl-C" if isinstance(cause, KeyboardInterrupt) else "SIGTERM (or a pre-emption signal)"
-        raise RunInterrupted(
-            f"stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoints/last.ckpt "
-            "holds the progress. Run the same command again to continue from there."
-        ) from None
 
 
 def checkpoint_files(output_dir: Path) -> dict[str, str | None]:
@@ -265,7 +161,7 @@ def get_teacher(cfg: DictConfig, test_data: InMemoryDataModule) -> Teacher:
     num_classes = int(cfg.data.num_classes)
 
     def build_model() -> nn.Module:
-        pl.seed_everything(int(tcfg.seed), verbose=False)
+        seed_everything(int(tcfg.seed))
         return instantiate(tcfg.model)
 
     def evaluate(model: nn.Module) -> float:
@@ -379,6 +275,9 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
         fingerprint = datamodule.fingerprint()
         # The teacher's own recipe: its optimizer and, optionally, its lr scheduler (CRD's steps).
         scheduler = instantiate(tcfg.scheduler, what="teacher.scheduler") if tcfg.get("scheduler") else None
+        from kdexp.fitting import build_trainer, fit_and_test
+        from kdexp.modules import SupervisedModule
+
         module = SupervisedModule(model, optimizer=instantiate(tcfg.optimizer), num_classes=int(cfg.data.num_classes),
                                   scheduler=scheduler)
         run_name = f"teacher-{choice(cfg, 'teacher')}{tcfg.model.get('width', '')}-{folder.name[:8]}"
@@ -494,7 +393,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
 
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
     # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
-    pl.seed_everything(int(cfg.seed), verbose=False)
+    seed_everything(int(cfg.seed))
     objective = instantiate(objective_node(cfg), what="kd")
     student = instantiate(cfg.student)
     initial_weights = init_student(cfg, student)
@@ -521,6 +420,9 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     recorder.update(wandb=wandb_run_info(logger))
     if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
         logger.log_metrics({TEACHER_TEST_ACC: teacher.test_acc}, step=0)
+
+    from kdexp.fitting import build_trainer, fit_and_test
+    from kdexp.modules import DistillationModule
 
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = DistillationModule(model=student, teacher=teacher.model, objective=objective,

@@ -148,7 +148,7 @@ def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> 
     A point from :func:`grid` holds every override of the run (command-line ones included).
     ``ahead``: the grid, being composed in a helper process (:mod:`kdexp.grid_compose`).
     """
-    import kdexp.data  # noqa: F401 - torch and Lightning, which validation needs: imported while the helper composes
+    import kdexp.data  # noqa: F401 - torch and the data classes, which validation needs: imported while the helper composes
     from kdexp.validation import validate_config
 
     composed = (ahead.result() if ahead is not None else compose_grid(points)).checks

@@ -119,15 +119,16 @@ def wandb_logger(
     log_model: bool = False,
     run_id: str | None = None,
     verbose: bool = False,
-) -> Logger:
+    lightning: bool = True,
+) -> Logger | WandbRun:
     """A Lightning ``WandbLogger`` whose run lives under ``save_dir/wandb``.
 
     ``run_id``: continue that run (a resumed kdexp run logs into its own W&B run,
     not a second one). ``verbose``: let W&B print its banners and run history
     (see :mod:`kdexp.console`; ``WANDB_SILENT`` / ``WANDB_QUIET`` set by the user win).
+    ``lightning=False``: the same run as a :class:`WandbRun`, without importing Lightning
+    (a packed student's run, replayed after its pack has trained).
     """
-    from pytorch_lightning.loggers import WandbLogger
-
     import wandb
 
     resolved, reason = resolve_wandb_mode(mode)
@@ -135,13 +136,16 @@ def wandb_logger(
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     console_settings = wandb_settings(verbose)
 
-    def make(mode_now: str) -> WandbLogger:
-        logger = WandbLogger(
-            name=run_name, save_dir=str(save_dir), project=project, entity=entity, group=group, job_type=job_type,
-            tags=list(tags or []), config=config or {}, mode=mode_now, log_model=log_model,
-            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, **console_settings),
-            **({"id": run_id, "resume": "allow"} if run_id else {}),
-        )
+    def make(mode_now: str) -> Logger | WandbRun:
+        init = {"name": run_name, "project": project, "entity": entity, "group": group, "job_type": job_type,
+                "tags": list(tags or []), "config": config or {}, "mode": mode_now,
+                "settings": wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, **console_settings)}
+        if not lightning:
+            return WandbRun(dir=str(save_dir), id=run_id, resume="allow", **init)
+        from pytorch_lightning.loggers import WandbLogger
+
+        logger = WandbLogger(save_dir=str(save_dir), log_model=log_model, **init,
+                             **({"id": run_id, "resume": "allow"} if run_id else {}))
         # Lightning 2.6 always passes anonymous=None ("not set") to wandb.init, which W&B 0.31 answers
         # with a deprecation warning, printed before any setting applies; left out, it means the same.
         init_kwargs = getattr(logger, "_wandb_init", {})
@@ -161,6 +165,28 @@ def wandb_logger(
         return make("offline")
 
 
+class WandbRun:
+    """A W&B run started and logged as Lightning's ``WandbLogger`` starts and logs one (the same
+    ``wandb.init`` arguments; every metric stepped by ``trainer/global_step``), without Lightning.
+
+    Packed students' runs are written through it after their pack has trained, by a process
+    that never imports Lightning (4 s); a test checks their runs against single runs'.
+    """
+
+    def __init__(self, **init: Any) -> None:
+        import wandb
+
+        self.experiment = wandb.init(**init)
+        self.experiment.define_metric("trainer/global_step")
+        self.experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.experiment.log(dict(metrics) if step is None else {**metrics, "trainer/global_step": step})
+
+    def save(self) -> None:
+        """Nothing to do: W&B writes each logged row itself (as for ``WandbLogger``)."""
+
+
 def csv_logger(save_dir: str | Path, run_name: str, **_: Any) -> Logger:
     """Metrics to ``save_dir/csv/metrics.csv``, for people without W&B."""
     from pytorch_lightning.loggers import CSVLogger
@@ -168,13 +194,14 @@ def csv_logger(save_dir: str | Path, run_name: str, **_: Any) -> Logger:
     return CSVLogger(save_dir=str(save_dir), name="csv", version="")
 
 
-def wandb_run_info(logger: Logger | None) -> dict[str, Any] | None:
+def wandb_run_info(logger: Logger | WandbRun | None) -> dict[str, Any] | None:
     """Id, mode and folder of the W&B run behind ``logger`` (None for other loggers)."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if not isinstance(logger, WandbLogger):
+    wandb = sys.modules.get("wandb")  # not imported: no W&B run exists
+    if logger is None or wandb is None:
         return None
-    run = logger.experiment
+    run = getattr(logger, "experiment", None)
+    if not isinstance(run, wandb.sdk.wandb_run.Run):
+        return None
     return {
         "id": getattr(run, "id", None),
         "name": getattr(run, "name", None),

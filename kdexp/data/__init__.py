@@ -1,4 +1,4 @@
-"""LightningDataModules: embedded (no download) and torchvision sets."""
+"""Data modules: embedded (no download) and torchvision sets; :mod:`kdexp.data.lightning` hands them to a Trainer."""
 
 from kdexp.data.base import InMemoryDataModule, RawData
 from kdexp.data.batches import IndexBatches

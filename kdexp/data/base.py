@@ -1,4 +1,9 @@
-"""In-memory LightningDataModules with a validation split carved from training data."""
+"""In-memory data modules with a validation split carved from training data.
+
+They are plain classes with Lightning's data-module hooks (``setup``, ``*_dataloader``), not
+``LightningDataModule`` subclasses, so that a packed sweep's workers build them without
+importing Lightning (4 s); a Trainer gets them through :func:`kdexp.data.lightning.for_trainer`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -88,7 +92,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(holdout))
 
 
-class InMemoryDataModule(pl.LightningDataModule):
+class InMemoryDataModule:
     """Base class: subclasses implement :meth:`load_raw`; splitting and batching live here.
 
     ``val_fraction`` of the training set (stratified) becomes the validation set,
@@ -97,6 +101,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     """
 
     name = "data"
+    trainer = None  # the Trainer using this data, while one does (ranks, resume position)
     supported_tasks: tuple[str, ...] = ("classification",)  # what its data can be framed as; the first is the default
 
     def __init__(
@@ -114,7 +119,6 @@ class InMemoryDataModule(pl.LightningDataModule):
         task: str | None = None,
         input_dtype: str = "float32",
     ) -> None:
-        super().__init__()
         require(batch_size > 0, f"data.batch_size must be positive, got {batch_size}.")
         require(0.0 < val_fraction < 1.0, f"data.val_fraction must lie in (0, 1), got {val_fraction}.")
         self.num_classes = int(num_classes)
@@ -161,7 +165,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         """
         return None
 
-    # -- LightningDataModule ------------------------------------------------
+    # -- data-module hooks (as LightningDataModule names them) --------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
