@@ -142,3 +142,28 @@ def test_download_without_vision_extra_names_the_extra(tmp_path):
 def test_unknown_torchvision_name():
     with pytest.raises(ConfigError, match="choose one of"):
         TorchvisionDataModule("imagenet", num_classes=1000, input_shape=(3, 224, 224))
+
+
+def test_a_trainer_gets_the_data_through_lightnings_datamodule_class():
+    import pytorch_lightning as pl
+
+    from kdexp.data.lightning import LightningData, for_trainer
+
+    data = DigitsDataModule()
+    wrapped = for_trainer(data)
+    assert isinstance(wrapped, LightningData) and isinstance(wrapped, pl.LightningDataModule)
+    assert wrapped.trainer is None and wrapped.task == data.task and wrapped.num_classes == data.num_classes
+    wrapped.trainer = "a trainer"  # Lightning attaches itself so; the data reads ranks and positions from it
+    assert data.trainer == "a trainer"
+    wrapped.trainer = None
+    with pytest.raises(Exception) as caught:  # handed over unwrapped: Lightning alone would say "Expected a parent"
+        pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False).fit(pl.LightningModule(), datamodule=data)
+    chain, error = [], caught.value
+    while error is not None:  # Lightning's exception handling may raise again on top of ours: it is in the chain
+        chain.append(error)
+        error = error.__context__
+    assert any(isinstance(e, ConfigError) and "for_trainer(data)" in str(e) for e in chain)
+    x, y, index = next(iter(wrapped.val_dataloader()))
+    assert torch.equal(x, data.splits["val"].x[index]) and torch.equal(y, data.splits["val"].y[index])
+    users_own = pl.LightningDataModule()
+    assert for_trainer(users_own) is users_own

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kdexp.data import DigitsDataModule
+from kdexp.data.lightning import for_trainer
 from kdexp.errors import NonFiniteLossError
 from kdexp.models import CNN2D, MLP
 from kdexp.modules import DistillationModule, SupervisedModule
@@ -29,7 +30,7 @@ def trainer(**kwargs) -> pl.Trainer:
 def digits():
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
-    return dm
+    return for_trainer(dm)  # a Trainer takes kdexp's data modules wrapped
 
 
 @pytest.fixture(scope="module")

@@ -336,3 +336,32 @@ def test_each_packed_student_stops_early_when_its_own_run_would(alone_and_packed
         assert_same_metrics(member["metrics"], single["metrics"])
         last = torch.load(member["checkpoints"]["last"], weights_only=True)
         assert last["epoch"] == single["epochs"] - 1
+
+
+def test_a_pack_trains_and_writes_its_runs_without_importing_lightning(alone_and_packed, tmp_path):
+    """Why packed sweeps start fast: their workers never import Lightning or torchmetrics (4 s together)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, _, _ = alone_and_packed
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from kdexp.packed_runs import job_configs, run_pack\n"
+        f"jobs = job_configs(Path({str(tmp_path)!r}), [{BASE!r} + ['trainer.max_epochs=1', f'seed={{s}}'] for s in (1, 2)])\n"
+        "statuses = run_pack(jobs)\n"
+        "print(json.dumps({'statuses': sorted(statuses.values()),\n"
+        "                  'imported': [m for m in ('pytorch_lightning', 'lightning_fabric', 'torchmetrics', 'wandb')\n"
+        "                               if m in sys.modules]}))\n"
+    )
+    env = {**os.environ, "KDEXP_CACHE_DIR": str(base / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=base, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"statuses": ["finished", "finished"], "imported": ["wandb"]}, done.stderr[-2000:]
+    for folder in tmp_path.glob("seed=*"):
+        record = load_record(folder)
+        assert record["wandb"]["mode"] == "offline" and (folder / "checkpoints" / "last.ckpt").is_file()

@@ -101,7 +101,7 @@ class InMemoryDataModule:
     """
 
     name = "data"
-    trainer = None  # the Trainer using this data, while one does (ranks, resume position)
+    _trainer = None  # the Trainer using this data, while one does: set by kdexp.data.lightning.LightningData
     supported_tasks: tuple[str, ...] = ("classification",)  # what its data can be framed as; the first is the default
 
     def __init__(
@@ -141,6 +141,19 @@ class InMemoryDataModule:
         self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}
         self._fingerprint: str | None = None
+
+    @property
+    def trainer(self):  # noqa: ANN201 - a pytorch_lightning.Trainer, not imported here
+        """The Lightning Trainer using this data, while one does (the data reads ranks and the resume position)."""
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer) -> None:  # noqa: ANN001
+        # Lightning sets it when it is handed this module directly, then fails on it with "Expected a parent".
+        raise ConfigError(
+            f"{type(self).__name__} is not a LightningDataModule (kdexp's data modules are plain classes, so that "
+            "packed sweeps need not import Lightning): hand it to a Trainer wrapped, as "
+            "`trainer.fit(module, datamodule=kdexp.data.lightning.for_trainer(data))`.")
 
     # -- to implement -------------------------------------------------------
     def load_raw(self) -> RawData:

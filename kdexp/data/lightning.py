@@ -28,7 +28,7 @@ class LightningData(pl.LightningDataModule):
 
     @trainer.setter
     def trainer(self, trainer: Any) -> None:
-        self.data.trainer = trainer
+        self.data._trainer = trainer
 
     def setup(self, stage: str | None = None) -> None:
         self.data.setup(stage)
