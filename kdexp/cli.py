@@ -74,6 +74,10 @@ def sweep_main(argv: list[str]) -> int:
             import torch
 
             torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
+        if packs_run:
+            from kdexp.packed_runs import import_for_workers
+
+            import_for_workers(wandb=sweep.may_log_to_wandb(points))  # while the helper composes
         cfgs = sweep.check_points(points, ahead)  # every point composes and validates, or nothing runs
         plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
         if args.dry_run:

@@ -1,16 +1,17 @@
-"""A sweep's grid composed by Hydra, in a helper process while the sweep imports torch and Lightning.
+"""A sweep's grid composed by Hydra in helper processes, while the sweep imports torch.
 
 Before anything runs, a sweep composes every grid point to check it
-(:func:`kdexp.sweep.check_points`), and a packed sweep's workers compose each member's multirun
-job config (:func:`kdexp.packed_runs.load_sweep_jobs`). Hydra's composition is pure Python, about
-0.25 s a point on the 2-core machines of the README's figures, and needs neither torch nor
-Lightning; checking the composed points needs both, and importing them takes 7–9 s there.
+(:func:`kdexp.sweep.check_points`), and a packed sweep's workers need each member's multirun
+job config (:func:`kdexp.packed_runs.load_sweep_jobs`). Hydra's composition is pure Python,
+0.15–0.25 s a point on the 2-core machines of the README's figures, and needs no torch; the
+sweep meanwhile imports torch, and for packs what its workers will need (W&B, torch._dynamo):
+3–4 s there.
 
-So on Linux (:func:`kdexp.processes.can_fork`) the sweep forks a helper before it imports torch:
-the helper composes the grid on one core while the sweep imports on the other, and the composed
-configs come back pickled through a pipe. The calls are Hydra's own and the configs are the same;
-only the process they are made in differs. If the helper cannot give its result (it died, it
-was killed), the sweep composes the grid itself.
+So on Linux (:func:`kdexp.processes.can_fork`) the sweep forks, before it imports torch, one
+helper that composes the points for checking and, for packs, another that composes them as
+multirun jobs; the configs come back pickled through a pipe. The calls are Hydra's own and the
+configs are the same; only the process they are made in differs. If a helper cannot give its
+result (it died, it was killed), the sweep composes that part itself.
 """
 
 from __future__ import annotations
@@ -81,67 +82,95 @@ def compose_for_check(points: list[GridPoint]) -> list[Any]:
     return out
 
 
-def compose_grid(points: list[GridPoint], jobs: JobsToCompose | None = None) -> ComposedGrid:
-    """Compose ``points`` for checking and, with ``jobs``, as multirun jobs (all of them, or None)."""
+def compose_jobs(jobs: JobsToCompose) -> list[Any] | None:
+    """Each point as its multirun job (:func:`kdexp.packed_runs.load_sweep_jobs`); None when they do not
+    compose (each pack worker then composes its own, and reports what fails)."""
     from kdexp.packed_runs import load_sweep_jobs
 
+    try:
+        return load_sweep_jobs(jobs.sweep_dir, jobs.overrides, jobs.hydra_overrides)
+    except Exception:  # noqa: BLE001
+        log.debug("the grid's multirun jobs did not compose ahead", exc_info=True)
+        return None
+
+
+def compose_grid(points: list[GridPoint], jobs: JobsToCompose | None = None) -> ComposedGrid:
+    """Compose ``points`` for checking and, with ``jobs``, as multirun jobs (all of them, or None)."""
     grid = ComposedGrid(compose_for_check(points))
     if jobs is not None and not any(isinstance(cfg, str) for cfg in grid.checks):
-        try:
-            grid.jobs = load_sweep_jobs(jobs.sweep_dir, jobs.overrides, jobs.hydra_overrides)
-        except Exception:  # noqa: BLE001 - each pack worker composes its own jobs, and reports what fails
-            log.debug("the grid's multirun jobs did not compose ahead", exc_info=True)
+        grid.jobs = compose_jobs(jobs)
     return grid
 
 
-def _compose_and_send(points: list[GridPoint], jobs: JobsToCompose | None, conn: Any) -> None:
+def _compose_and_send(compose: Any, argument: Any, conn: Any) -> None:
     # Ctrl-C is the sweep's to handle: it stops this helper itself (ComposeAhead.close), with no
     # second traceback from here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send(compose_grid(points, jobs))
+    conn.send(compose(argument))
     conn.close()
 
 
+class Helper:
+    """``compose(argument)`` in a forked process; :meth:`get` waits for its result (None if it died)."""
+
+    def __init__(self, compose: Any, argument: Any) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.conn, child_end = context.Pipe(duplex=False)
+        self.process: Any = context.Process(target=_compose_and_send, args=(compose, argument, child_end),
+                                            name="kdexp-compose", daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def get(self) -> Any:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):  # the helper died before it sent anything
+            log.debug("a grid helper gave no result; composing its part here")
+            return None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
 class ComposeAhead:
-    """:func:`compose_grid` started now in a forked helper (where :func:`~kdexp.processes.can_fork`);
-    :meth:`result` waits for it. Start it before importing torch: the helper forks a process that
-    has imported neither torch nor Lightning, and composes while this one imports them."""
+    """:func:`compose_grid` started now in forked helpers (where :func:`~kdexp.processes.can_fork`):
+    one composes the points for checking, another (with ``jobs``) the multirun jobs, so that on two
+    cores they take half as long; :meth:`result` waits for them. Start it before importing torch: the
+    helpers fork a process that has imported neither torch nor Lightning, and compose while this one
+    imports. A part whose helper gives nothing is composed here."""
 
     def __init__(self, points: list[GridPoint], jobs: JobsToCompose | None = None) -> None:
         self.points, self.jobs = points, jobs
         self._result: ComposedGrid | None = None
-        self.process: Any = None  # the helper (a multiprocessing.Process), None when composing here
-        self._conn: Any = None
+        self.helpers: dict[str, Helper] = {}  # "checks", "jobs": the parts being composed elsewhere
         if can_fork():
-            import multiprocessing
-
-            context = multiprocessing.get_context("fork")
-            self._conn, child_end = context.Pipe(duplex=False)
-            self.process = context.Process(target=_compose_and_send, args=(points, jobs, child_end),
-                                            name="kdexp-compose", daemon=True)
-            self.process.start()
-            child_end.close()
+            self.helpers["checks"] = Helper(compose_for_check, points)
+            if jobs is not None:
+                self.helpers["jobs"] = Helper(compose_jobs, jobs)
 
     def result(self) -> ComposedGrid:
-        """The composed grid: the helper's, or composed here if it has none to give."""
-        if self._result is None and self._conn is not None:
-            try:
-                self._result = self._conn.recv()
-            except (EOFError, OSError):  # the helper died before it sent anything
-                log.debug("the grid's helper gave no result; composing it here")
-            finally:
-                self.close()
-        if self._result is None:
-            self._result = compose_grid(self.points, self.jobs)
-        return self._result
+        """The composed grid: the helpers', or composed here where a helper has none to give."""
+        if self._result is not None:
+            return self._result
+        checks_helper, jobs_helper = self.helpers.pop("checks", None), self.helpers.pop("jobs", None)
+        checks = checks_helper.get() if checks_helper is not None else None
+        grid = ComposedGrid(checks if checks is not None else compose_for_check(self.points))
+        if self.jobs is not None and not any(isinstance(cfg, str) for cfg in grid.checks):
+            jobs = jobs_helper.get() if jobs_helper is not None else None
+            grid.jobs = jobs if jobs is not None else compose_jobs(self.jobs)
+        self.close()
+        self._result = grid
+        return grid
 
     def close(self) -> None:
-        """Stop the helper (when its result is not needed, e.g. ``--dry-run``) and release the pipe."""
-        if self.process is not None:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join()
-            self.process = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Stop the helpers (when their result is not needed, e.g. ``--dry-run``) and release the pipes."""
+        for helper in self.helpers.values():
+            helper.close()
+        self.helpers = {}

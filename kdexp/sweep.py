@@ -139,6 +139,11 @@ def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int =
     return points
 
 
+def may_log_to_wandb(points: list[GridPoint]) -> bool:
+    """Whether some point logs to W&B (the default logger), as far as the overrides tell."""
+    return not all(any(item.startswith("logger=") and item != "logger=wandb" for item in point) for point in points)
+
+
 def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> list[Any]:
     """Compose and validate every grid point before anything runs; one message lists all that fail.
     Returns the composed configs, in the order of ``points``.

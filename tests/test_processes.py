@@ -31,7 +31,8 @@ def test_the_grid_composed_in_a_helper_equals_the_grid_composed_here(tmp_path):
     are written as (folder, task config, Hydra config) and the pickled round trip lose nothing."""
     jobs = jobs_of(tmp_path, POINTS)
     ahead = ComposeAhead(POINTS, jobs)
-    assert ahead.process is not None and ahead.process.pid != 0  # a forked helper composes them
+    assert set(ahead.helpers) == {"checks", "jobs"}  # forked helpers compose them, one part each
+    assert all(helper.process.pid not in (None, 0) for helper in ahead.helpers.values())
     mine = ahead.result()
     here = compose_grid(POINTS, jobs)
     assert as_yaml(mine.checks) == as_yaml(here.checks)
@@ -43,7 +44,7 @@ def test_the_grid_composed_in_a_helper_equals_the_grid_composed_here(tmp_path):
                                                                  for j in helper_jobs)
     assert as_yaml(j.task for j in helper_jobs) == as_yaml(j.task for j in direct)
     assert as_yaml(j.full for j in helper_jobs) == as_yaml(j.full for j in direct)
-    assert ahead.process is None  # the helper is gone once its result is in
+    assert ahead.helpers == {}  # the helpers are gone once their results are in
 
 
 def test_a_point_that_does_not_compose_is_named_and_no_job_is_composed(tmp_path):
@@ -55,18 +56,19 @@ def test_a_point_that_does_not_compose_is_named_and_no_job_is_composed(tmp_path)
 
 
 @pytest.mark.skipif(not can_fork(), reason="the helper is forked on Linux only")
-def test_a_helper_that_dies_is_replaced_by_composing_here(tmp_path):
+@pytest.mark.parametrize("part", ["checks", "jobs"])
+def test_a_helper_that_dies_is_replaced_by_composing_here(tmp_path, part):
     ahead = ComposeAhead(POINTS, jobs_of(tmp_path, POINTS))
-    ahead.process.kill()
+    ahead.helpers[part].process.kill()
     grid = ahead.result()
     assert as_yaml(grid.checks) == as_yaml(compose_grid(POINTS).checks) and len(grid.jobs) == 4
 
 
-def test_kdexp_fork_0_composes_in_this_process(monkeypatch):
+def test_kdexp_fork_0_composes_in_this_process(monkeypatch, tmp_path):
     monkeypatch.setenv("KDEXP_FORK", "0")
-    ahead = ComposeAhead(POINTS)
-    assert ahead.process is None
-    assert as_yaml(ahead.result().checks) == as_yaml(compose_grid(POINTS).checks) and ahead.result().jobs is None
+    ahead = ComposeAhead(POINTS, jobs_of(tmp_path, POINTS))
+    assert ahead.helpers == {}
+    assert as_yaml(ahead.result().checks) == as_yaml(compose_grid(POINTS).checks) and len(ahead.result().jobs) == 4
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
