@@ -16,13 +16,14 @@ result (it died, it was killed), the sweep composes that part itself.
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import open_dict
+from omegaconf import open_dict, read_write
 
 from kdexp.processes import can_fork
 
@@ -94,40 +95,60 @@ def compose_jobs(jobs: JobsToCompose) -> list[Any] | None:
         return None
 
 
+def check_config(point: GridPoint, job: Any) -> Any:
+    """The config :func:`compose_for_check` composes for ``point``, taken from its multirun job's config:
+    the job's task config (without the ``hydra`` node) with the run's paths pinned to ``.``. Hydra
+    composes the same defaults and overrides for both, so they are equal (a test compares them)."""
+    task = copy.deepcopy(job)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+        task.paths.root_dir = "."
+        task.paths.output_dir = "."
+        task.choices = choices_of(point)
+    return task
+
+
 def compose_grid(points: list[GridPoint], jobs: JobsToCompose | None = None) -> ComposedGrid:
-    """Compose ``points`` for checking and, with ``jobs``, as multirun jobs (all of them, or None)."""
-    grid = ComposedGrid(compose_for_check(points))
-    if jobs is not None and not any(isinstance(cfg, str) for cfg in grid.checks):
-        grid.jobs = compose_jobs(jobs)
-    return grid
+    """Compose ``points`` for checking and, with ``jobs``, as multirun jobs (all of them, or None).
+
+    With ``jobs`` each point is composed once, as its job, and checked as :func:`check_config`;
+    if any point does not compose, the points are composed one by one for checking, so that each
+    problem is named (and no jobs are given: the sweep stops at the check).
+    """
+    if jobs is not None:
+        loaded = compose_jobs(jobs)
+        if loaded is not None:
+            return ComposedGrid([check_config(point, job) for point, job in zip(points, loaded)], loaded)
+    return ComposedGrid(compose_for_check(points))
 
 
-def _compose_and_send(compose: Any, argument: Any, conn: Any) -> None:
+def _compose_and_send(points: list[GridPoint], jobs: JobsToCompose | None, conn: Any) -> None:
     # Ctrl-C is the sweep's to handle: it stops this helper itself (ComposeAhead.close), with no
     # second traceback from here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn.send(compose(argument))
+    conn.send(compose_grid(points, jobs))
     conn.close()
 
 
 class Helper:
-    """``compose(argument)`` in a forked process; :meth:`get` waits for its result (None if it died)."""
+    """:func:`compose_grid` of some points in a forked process; :meth:`get` waits for its result
+    (None if it died)."""
 
-    def __init__(self, compose: Any, argument: Any) -> None:
+    def __init__(self, points: list[GridPoint], jobs: JobsToCompose | None) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
         self.conn, child_end = context.Pipe(duplex=False)
-        self.process: Any = context.Process(target=_compose_and_send, args=(compose, argument, child_end),
+        self.process: Any = context.Process(target=_compose_and_send, args=(points, jobs, child_end),
                                             name="kdexp-compose", daemon=True)
         self.process.start()
         child_end.close()
 
-    def get(self) -> Any:
+    def get(self) -> ComposedGrid | None:
         try:
             return self.conn.recv()
         except (EOFError, OSError):  # the helper died before it sent anything
-            log.debug("a grid helper gave no result; composing its part here")
+            log.debug("a grid helper gave no result; composing its points here")
             return None
         finally:
             self.close()
@@ -140,37 +161,58 @@ class Helper:
 
 
 class ComposeAhead:
-    """:func:`compose_grid` started now in forked helpers (where :func:`~kdexp.processes.can_fork`):
-    one composes the points for checking, another (with ``jobs``) the multirun jobs, so that on two
-    cores they take half as long; :meth:`result` waits for them. Start it before importing torch: the
-    helpers fork a process that has imported neither torch nor Lightning, and compose while this one
-    imports. A part whose helper gives nothing is composed here."""
+    """:func:`compose_grid` started now in forked helpers (where :func:`~kdexp.processes.can_fork`),
+    each composing a share of the points, so that on two cores they take half as long; :meth:`result`
+    waits for them. Start it before importing torch: the helpers fork a process that has imported
+    no torch, and compose while this one imports. A share whose helper gives nothing is composed here."""
+
+    HELPERS = 2  # the machines this is tuned on have 2 cores; the sweep process imports meanwhile
 
     def __init__(self, points: list[GridPoint], jobs: JobsToCompose | None = None) -> None:
         self.points, self.jobs = points, jobs
         self._result: ComposedGrid | None = None
-        self.helpers: dict[str, Helper] = {}  # "checks", "jobs": the parts being composed elsewhere
+        self.shares = split(len(points), self.HELPERS)  # (start, stop) of each helper's points
+        self.helpers: list[Helper | None] = []
         if can_fork():
-            self.helpers["checks"] = Helper(compose_for_check, points)
-            if jobs is not None:
-                self.helpers["jobs"] = Helper(compose_jobs, jobs)
+            self.helpers = [Helper(*self._share(start, stop)) for start, stop in self.shares]
+
+    def _share(self, start: int, stop: int) -> tuple[list[GridPoint], JobsToCompose | None]:
+        jobs = self.jobs
+        if jobs is not None:
+            jobs = JobsToCompose(jobs.sweep_dir, jobs.overrides[start:stop], jobs.hydra_overrides)
+        return self.points[start:stop], jobs
 
     def result(self) -> ComposedGrid:
         """The composed grid: the helpers', or composed here where a helper has none to give."""
         if self._result is not None:
             return self._result
-        checks_helper, jobs_helper = self.helpers.pop("checks", None), self.helpers.pop("jobs", None)
-        checks = checks_helper.get() if checks_helper is not None else None
-        grid = ComposedGrid(checks if checks is not None else compose_for_check(self.points))
-        if self.jobs is not None and not any(isinstance(cfg, str) for cfg in grid.checks):
-            jobs = jobs_helper.get() if jobs_helper is not None else None
-            grid.jobs = jobs if jobs is not None else compose_jobs(self.jobs)
+        if not self.helpers:
+            self._result = compose_grid(self.points, self.jobs)
+            return self._result
+        parts = []
+        for (start, stop), helper in zip(self.shares, self.helpers):
+            part = helper.get() if helper is not None else None
+            parts.append(part if part is not None else compose_grid(*self._share(start, stop)))
         self.close()
+        grid = ComposedGrid([cfg for part in parts for cfg in part.checks])
+        if self.jobs is not None and not any(isinstance(cfg, str) for cfg in grid.checks):
+            if all(part.jobs is not None for part in parts):
+                grid.jobs = [job for part in parts for job in part.jobs]
+            else:  # a share composed point by point (another share has a bad point): its jobs, here
+                grid.jobs = compose_jobs(self.jobs)
         self._result = grid
         return grid
 
     def close(self) -> None:
         """Stop the helpers (when their result is not needed, e.g. ``--dry-run``) and release the pipes."""
-        for helper in self.helpers.values():
-            helper.close()
-        self.helpers = {}
+        for helper in self.helpers:
+            if helper is not None:
+                helper.close()
+        self.helpers = []
+
+
+def split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``range(n)`` cut into at most ``parts`` contiguous, non-empty shares of near-equal size."""
+    parts = max(1, min(parts, n))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))

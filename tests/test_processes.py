@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
-from kdexp.grid_compose import ComposeAhead, JobsToCompose, compose_grid
+from kdexp.grid_compose import ComposeAhead, JobsToCompose, compose_for_check, compose_grid, split
 from kdexp.packed_runs import job_configs, pack_jobs
 from kdexp.processes import can_fork
 
@@ -31,11 +31,11 @@ def test_the_grid_composed_in_a_helper_equals_the_grid_composed_here(tmp_path):
     are written as (folder, task config, Hydra config) and the pickled round trip lose nothing."""
     jobs = jobs_of(tmp_path, POINTS)
     ahead = ComposeAhead(POINTS, jobs)
-    assert set(ahead.helpers) == {"checks", "jobs"}  # forked helpers compose them, one part each
-    assert all(helper.process.pid not in (None, 0) for helper in ahead.helpers.values())
+    assert len(ahead.helpers) == 2 and ahead.shares == [(0, 2), (2, 4)]  # two forked helpers, half each
+    assert all(helper.process.pid not in (None, 0) for helper in ahead.helpers)
     mine = ahead.result()
     here = compose_grid(POINTS, jobs)
-    assert as_yaml(mine.checks) == as_yaml(here.checks)
+    assert as_yaml(mine.checks) == as_yaml(here.checks) == as_yaml(compose_for_check(POINTS))
     assert len({yaml for yaml in as_yaml(mine.checks)}) == 4  # four different points, not one repeated
     assert [(c.choices.kd, c.choices.seed) for c in mine.checks] == [("hinton", str(s)) for s in (1, 2, 1, 2)]
     helper_jobs, direct = pack_jobs(mine.jobs), job_configs(jobs.sweep_dir, jobs.overrides, jobs.hydra_overrides)
@@ -44,7 +44,7 @@ def test_the_grid_composed_in_a_helper_equals_the_grid_composed_here(tmp_path):
                                                                  for j in helper_jobs)
     assert as_yaml(j.task for j in helper_jobs) == as_yaml(j.task for j in direct)
     assert as_yaml(j.full for j in helper_jobs) == as_yaml(j.full for j in direct)
-    assert ahead.helpers == {}  # the helpers are gone once their results are in
+    assert ahead.helpers == []  # the helpers are gone once their results are in
 
 
 def test_a_point_that_does_not_compose_is_named_and_no_job_is_composed(tmp_path):
@@ -56,18 +56,34 @@ def test_a_point_that_does_not_compose_is_named_and_no_job_is_composed(tmp_path)
 
 
 @pytest.mark.skipif(not can_fork(), reason="the helper is forked on Linux only")
-@pytest.mark.parametrize("part", ["checks", "jobs"])
-def test_a_helper_that_dies_is_replaced_by_composing_here(tmp_path, part):
+@pytest.mark.parametrize("share", [0, 1])
+def test_a_helper_that_dies_is_replaced_by_composing_here(tmp_path, share):
     ahead = ComposeAhead(POINTS, jobs_of(tmp_path, POINTS))
-    ahead.helpers[part].process.kill()
+    ahead.helpers[share].process.kill()
     grid = ahead.result()
     assert as_yaml(grid.checks) == as_yaml(compose_grid(POINTS).checks) and len(grid.jobs) == 4
+
+
+def test_a_points_check_config_taken_from_its_job_is_the_config_a_single_run_composes(tmp_path):
+    """A packed sweep composes each point once, as its multirun job, and checks the job's task config with
+    its paths pinned: equal to composing the point for checking, also across groups and added keys."""
+    points = [*POINTS[:2], tuple(sorted(["data=digits", "student=mlp", "kd=none", "seed=3", "+tags=[a]"])),
+              tuple(sorted(["data=mnist1d", "student=mlp", "kd=dkd", "kd.beta=2.0", "optimizer=sgd"]))]
+    derived = compose_grid(points, jobs_of(tmp_path, points))
+    assert len(derived.jobs) == 4
+    assert as_yaml(derived.checks) == as_yaml(compose_for_check(points))
+    assert [dict(cfg.choices) for cfg in derived.checks] == [dict(cfg.choices) for cfg in compose_for_check(points)]
+
+
+def test_split_gives_contiguous_near_equal_shares():
+    assert split(12, 2) == [(0, 6), (6, 12)] and split(5, 2) == [(0, 2), (2, 5)]
+    assert split(1, 2) == [(0, 1)] and split(0, 2) == [(0, 0)]
 
 
 def test_kdexp_fork_0_composes_in_this_process(monkeypatch, tmp_path):
     monkeypatch.setenv("KDEXP_FORK", "0")
     ahead = ComposeAhead(POINTS, jobs_of(tmp_path, POINTS))
-    assert ahead.helpers == {}
+    assert ahead.helpers == []
     assert as_yaml(ahead.result().checks) == as_yaml(compose_grid(POINTS).checks) and len(ahead.result().jobs) == 4
 
 
