@@ -238,16 +238,14 @@ def train_members(members: list[Member]) -> None:
 def _train_members(members: list[Member]) -> None:
     from kdexp.config import instantiate, objective_node
     from kdexp.errors import ConfigError
-    from kdexp.files import atomic_torch_save
-    from kdexp.records import PartTimer
-    from kdexp.seeding import seed_everything
     from kdexp.models.zoo import count_parameters
     from kdexp.packed import early_stopping_of, test_pack, train_pack
-    from kdexp.pipeline import (apply_num_threads, build_logger, checkpoint_files, data_sizes, get_teacher,
-                                majority_share, objective_label, require_better_than_chance, run_name_for,
-                                student_wandb_config, teacher_fields)
+    from kdexp.pipeline import (apply_num_threads, data_sizes, get_teacher, majority_share, objective_label,
+                                require_better_than_chance, run_name_for, student_wandb_config, teacher_fields)
+    from kdexp.records import PartTimer
+    from kdexp.seeding import seed_everything
     from kdexp.teacher_source import get_teacher_outputs
-    from kdexp.tracking import finish_wandb, wandb_run_info
+    from kdexp.tracking import packages_listed_once
 
     base = members[0].cfg
     shared = PartTimer()  # the parts the members share: each member's timings_s holds them
@@ -297,34 +295,44 @@ def _train_members(members: list[Member]) -> None:
     with shared.timed("test"):
         test_pack(fit, students, datamodule, logits, int(base.data.num_classes), teacher.test_acc)
 
-    for member, outcome in zip(members, fit.outcomes):
-        recorder = member.recorder
-        folder = member.job.output_dir
-        recorder.timer.seconds.update(shared.seconds)
-        if outcome.error is None:
-            atomic_torch_save(folder / "checkpoints" / "best.ckpt", member_checkpoint(outcome.best, fit.steps_per_epoch))
-            atomic_torch_save(folder / "checkpoints" / "last.ckpt",
-                              member_checkpoint(outcome.last, fit.steps_per_epoch, outcome.optimizer_state))
-        record = recorder.record
-        with recorder.timed("logger_start"):
-            logger = build_logger(member.cfg, folder, record["run_name"], record["job_type"], member.wandb_config,
-                                  objective_name=member.objective.name, lightning=False)
-        recorder.update(wandb=wandb_run_info(logger))
-        if logger is not None:
-            replay_history(logger, outcome, fit.steps_per_epoch, teacher.test_acc)
-        if outcome.error is not None:
-            finish_wandb(exit_code=1)
-            recorder.finish("failed", NonFiniteLossError(outcome.error))
-            log.error("kdexp: %s failed: NonFiniteLossError: %s", record["run_name"], outcome.error)
-            continue
-        recorder.update(metrics=outcome.metrics, epochs=outcome.epochs, global_steps=outcome.epochs * fit.steps_per_epoch,
-                        checkpoints=checkpoint_files(folder))
-        with recorder.timed("logger_finish"):
-            finish_wandb()
-        recorder.finish("finished")
-        from kdexp.train import announce_finished
+    with packages_listed_once():  # the members' W&B runs, one after another
+        for member, outcome in zip(members, fit.outcomes):
+            write_member(member, outcome, fit.steps_per_epoch, shared.seconds, teacher.test_acc)
 
-        announce_finished(recorder.record, folder)
+
+def write_member(member: Member, outcome: Any, steps_per_epoch: int, shared_seconds: dict[str, float],
+                 teacher_test_acc: float) -> None:
+    """A trained member's checkpoints, W&B run (its history replayed) and finished (or failed) record."""
+    from kdexp.files import atomic_torch_save
+    from kdexp.pipeline import build_logger, checkpoint_files
+    from kdexp.tracking import finish_wandb, wandb_run_info
+    from kdexp.train import announce_finished
+
+    recorder = member.recorder
+    folder = member.job.output_dir
+    recorder.timer.seconds.update(shared_seconds)
+    if outcome.error is None:
+        atomic_torch_save(folder / "checkpoints" / "best.ckpt", member_checkpoint(outcome.best, steps_per_epoch))
+        atomic_torch_save(folder / "checkpoints" / "last.ckpt",
+                          member_checkpoint(outcome.last, steps_per_epoch, outcome.optimizer_state))
+    record = recorder.record
+    with recorder.timed("logger_start"):
+        logger = build_logger(member.cfg, folder, record["run_name"], record["job_type"], member.wandb_config,
+                              objective_name=member.objective.name, lightning=False)
+    recorder.update(wandb=wandb_run_info(logger))
+    if logger is not None:
+        replay_history(logger, outcome, steps_per_epoch, teacher_test_acc)
+    if outcome.error is not None:
+        finish_wandb(exit_code=1)
+        recorder.finish("failed", NonFiniteLossError(outcome.error))
+        log.error("kdexp: %s failed: NonFiniteLossError: %s", record["run_name"], outcome.error)
+        return
+    recorder.update(metrics=outcome.metrics, epochs=outcome.epochs, global_steps=outcome.epochs * steps_per_epoch,
+                    checkpoints=checkpoint_files(folder))
+    with recorder.timed("logger_finish"):
+        finish_wandb()
+    recorder.finish("finished")
+    announce_finished(recorder.record, folder)
 
 
 def logs_to_wandb(cfg: Any) -> bool:

@@ -98,6 +98,11 @@ def test_a_packed_students_wandb_run_is_the_one_its_single_run_logs(alone_and_pa
         mine, theirs = read_run(member["output_dir"]), read_run(single["output_dir"])
         for key in ("name", "group", "job_type", "tags", "config_keys", "exit_code"):
             assert mine[key] == theirs[key], key
+        # the installed packages W&B lists for each run, listed once for all of a pack's runs
+        requirements = [sorted(Path(record["output_dir"]).glob("wandb/*-run-*/files/requirements.txt"))
+                        for record in (member, single)]
+        assert all(len(found) == 1 for found in requirements), requirements
+        assert requirements[0][0].read_text() == requirements[1][0].read_text() != ""
         assert [sorted(row) for row in mine["history"]] == [sorted(row) for row in theirs["history"]]
         for row_mine, row_theirs in zip(mine["history"], theirs["history"]):
             for key in ("epoch", "trainer/global_step"):
