@@ -65,8 +65,8 @@ def sweep_main(argv: list[str]) -> int:
     spec = sweep.load_sweep(args.file)
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
-    # Hydra composes the grid in a helper process while this one imports torch and Lightning
-    # (before torch is imported here: see kdexp.grid_compose); pack members are composed too.
+    # Hydra composes the grid in helper processes while this one imports torch (they are forked
+    # before torch is imported here: see kdexp.grid_compose); pack members are composed too.
     packs_run = bool(args.pack) and not args.dry_run
     ahead = ComposeAhead(points, sweep.jobs_to_compose(spec, args.overrides, points, sweep_dir) if packs_run else None)
     try:

@@ -519,7 +519,7 @@ def finish_member(outcome: MemberOutcome, pack: StudentPack, optimizer: torch.op
 def test_pack(fit: PackFit, students: Sequence[nn.Module], datamodule: Any, teacher_logits: dict[str, Tensor],
               num_classes: int, teacher_test_acc: float) -> None:
     """Each finished member's record metrics: the last epoch's ``val/*`` and ``train/*``, ``test/*``
-    at its best-val weights and ``test/*_last`` at its last, as :func:`kdexp.pipeline.fit_and_test`."""
+    at its best-val weights and ``test/*_last`` at its last, as :func:`kdexp.fitting.fit_and_test`."""
     finished = [i for i, o in enumerate(fit.outcomes) if o.error is None]
     if not finished:
         return

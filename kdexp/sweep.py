@@ -497,9 +497,9 @@ class ForkedWorker:
     group, with the waiting interface of ``subprocess.Popen`` that :func:`_wait_all` and
     :func:`_stop_groups` use.
 
-    Why a fork: this process has already imported torch, Lightning and Hydra to check the grid,
-    and a fresh interpreter spends about 10 s importing them again (torchmetrics pulls in
-    transformers), which is a quarter of a 12-run packed sweep. The sweep's own torch never ran
+    Why a fork: this process has already imported what a worker needs (torch, ``torch._dynamo``,
+    W&B, Hydra; :func:`kdexp.packed_runs.import_for_workers`), and a fresh interpreter spends
+    3–4 s importing them again, a quarter of a 12-run packed sweep. The sweep's own torch never ran
     a multi-threaded region before the fork (``kdexp sweep --pack`` sets one thread before it
     checks the grid), so no OpenMP pool is inherited half-alive.
     """
