@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kdexp.data.base import InMemoryDataModule
     from kdexp.modules import SupervisedModule
 
-quiet_lightning()  # importing Lightning has just set its loggers to INFO, whatever the run chose
+quiet_lightning()  # a run that chose its verbosity before Lightning was imported (a pack training its teacher)
 
 
 class StopWatcher(pl.Callback):
