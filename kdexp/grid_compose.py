@@ -7,11 +7,12 @@ job config (:func:`kdexp.packed_runs.load_sweep_jobs`). Hydra's composition is p
 sweep meanwhile imports torch, and for packs what its workers will need (W&B, torch._dynamo):
 3–4 s there.
 
-So on Linux (:func:`kdexp.processes.can_fork`) the sweep forks, before it imports torch, one
-helper that composes the points for checking and, for packs, another that composes them as
-multirun jobs; the configs come back pickled through a pipe. The calls are Hydra's own and the
-configs are the same; only the process they are made in differs. If a helper cannot give its
-result (it died, it was killed), the sweep composes that part itself.
+So on Linux (:func:`kdexp.processes.can_fork`) the sweep forks, before it imports torch, two
+helpers that compose half the points each; the configs come back pickled through a pipe. For
+packs each point is composed once, as its multirun job, and checked as that job's task config
+(:func:`check_config`). The calls are Hydra's own and the configs are the same; only the
+process they are made in differs. If a helper cannot give its result (it died, it was killed),
+the sweep composes its share itself.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class ComposeAhead:
         self.points, self.jobs = points, jobs
         self._result: ComposedGrid | None = None
         self.shares = split(len(points), self.HELPERS)  # (start, stop) of each helper's points
-        self.helpers: list[Helper | None] = []
+        self.helpers: list[Helper] = []
         if can_fork():
             self.helpers = [Helper(*self._share(start, stop)) for start, stop in self.shares]
 
@@ -191,7 +192,7 @@ class ComposeAhead:
             return self._result
         parts = []
         for (start, stop), helper in zip(self.shares, self.helpers):
-            part = helper.get() if helper is not None else None
+            part = helper.get()
             parts.append(part if part is not None else compose_grid(*self._share(start, stop)))
         self.close()
         grid = ComposedGrid([cfg for part in parts for cfg in part.checks])
@@ -206,8 +207,7 @@ class ComposeAhead:
     def close(self) -> None:
         """Stop the helpers (when their result is not needed, e.g. ``--dry-run``) and release the pipes."""
         for helper in self.helpers:
-            if helper is not None:
-                helper.close()
+            helper.close()
         self.helpers = []
 
 

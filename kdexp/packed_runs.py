@@ -180,15 +180,15 @@ def member_checkpoint(snapshot: Any, steps_per_epoch: int, optimizer_state: dict
                       ) -> dict[str, Any]:
     """A Lightning-layout checkpoint of one member: ``model.*`` weights, the epoch and global step of
     the snapshot, and the metrics of that epoch. ``last.ckpt`` also holds the member's optimiser state."""
-    from importlib.metadata import version
-
     import torch
+
+    from kdexp.records import library_versions
 
     state = {f"model.{name}": tensor for name, tensor in snapshot.weights.items()}
     state["val_acc_best.max_value"] = torch.tensor(snapshot.metrics["val/acc_best"])
     checkpoint: dict[str, Any] = {
         "epoch": snapshot.epoch, "global_step": (snapshot.epoch + 1) * steps_per_epoch,
-        "pytorch-lightning_version": version("pytorch-lightning"), "state_dict": state,
+        "pytorch-lightning_version": library_versions()["pytorch-lightning"], "state_dict": state,
         "kdexp": {"metrics": dict(snapshot.metrics), "packed": True},
     }
     if optimizer_state is not None:

@@ -8,6 +8,7 @@ runs do not write a summary file, which is why kdexp keeps its own record.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -71,6 +72,13 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 
 def library_versions() -> dict[str, str | None]:
+    """The versions of Python and of the packages a run's numbers depend on (read once per process:
+    each is a metadata file to parse, and a pack writes many records and checkpoints)."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
