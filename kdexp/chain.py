@@ -20,7 +20,6 @@ report can tell "16 distilled directly" from "16 via 64 and 32".
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdexp.config import objective_node, to_plain
 from kdexp.errors import ConfigError
 from kdexp.train import CONF_DIR as _CONF_DIR
+from kdexp.vocabulary import canonical_json
 
 CONF_DIR = Path(_CONF_DIR)
 # Settings that do not change what a stage learns (kept out of its key).
@@ -107,7 +107,8 @@ def stage_key(cfg: DictConfig, teacher_key: str) -> str:
         "callbacks": plain.get("callbacks"),
         "teacher_key": teacher_key,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # Canonical: kd.temperature=4 from a sweep file is the default 4.0, so the two share one stage.
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
 def lineage_entry(stage: int, arch: str, width: Any, objective: str, weights_hash: str, test_acc: float,
@@ -121,3 +122,43 @@ def route_of(lineage: list[dict[str, Any]] | None) -> str:
     """``direct`` when the teacher is the root; ``via 64→32`` through assistants of those widths."""
     steps = list(lineage or [])[1:]
     return "via " + "→".join(str(step.get("width")) for step in steps) if steps else "direct"
+
+
+def route_tag(cfg: DictConfig) -> str:
+    """The route in a run name: ``""`` for a direct run, ``via48-32`` through ``chain=[48,32]``
+    (``viacnn1d@16`` names an assistant of another architecture), so a chain run and the direct
+    run of the same student are told apart in W&B."""
+    chain = chain_of(cfg)
+    return "via" + "-".join(str(entry) for entry in chain) if chain else ""
+
+
+def stage_file(record: dict[str, Any], folder: Path, name: str) -> Path | None:
+    """The stage's ``checkpoints[name]`` file, found in ``folder``, where the stage is now.
+
+    A record states absolute paths, written where the cache was when the stage ran; the
+    file's place inside the stage folder is what still holds once the cache is moved or
+    copied (a copy then reads its own files, never the original's).
+    """
+    stated = (record.get("checkpoints") or {}).get(name)
+    if not stated:
+        return None
+    if not Path(stated).is_absolute():
+        return folder / stated
+    return rebased(Path(stated), Path(str(record.get("output_dir") or folder)), folder)
+
+
+def stage_lineage(record: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """The stage record's lineage, its files named where the cache holding ``folder`` is now
+    (``<cache>/stages/<key>``: the cache is two levels up)."""
+    then = Path(str(record.get("output_dir") or folder)).parent.parent
+    return [{**entry, "path": str(rebased(Path(entry["path"]), then, folder.parent.parent))}
+            if entry.get("path") else dict(entry) for entry in record.get("lineage") or []]
+
+
+def rebased(path: Path, old_root: Path, new_root: Path) -> Path:
+    """``path`` under ``old_root`` at the same place under ``new_root``; any other path (a user's
+    teacher.checkpoint, a pretrained model's name) as it is."""
+    try:
+        return new_root / path.relative_to(old_root)
+    except ValueError:
+        return path

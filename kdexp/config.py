@@ -8,6 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.errors import ConfigError, KdexpError
+from kdexp.files import is_weights_only_refusal, refused_pickle
+
 
 def is_interactive() -> bool:
     """True on a terminal, False in CI or when output is piped (then no progress bars)."""
@@ -32,14 +35,57 @@ def resolved_task(*, _root_: DictConfig) -> str:
     return task_of(_root_).name
 
 
+def _hydra_config() -> Any:
+    """Hydra's config of the running job, or None (a multirun's launching process before any job,
+    the compose API, a library call)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def launch_dir() -> str:
+    """``${kdexp.launch_dir:}``: the folder the command was started in (``paths.root_dir``).
+
+    Inside a job it is Hydra's ``runtime.cwd``. ``${hydra:runtime.cwd}`` itself cannot be used:
+    a multirun resolves ``hydra.sweep.dir`` (which is built from it) before Hydra's config is set.
+    There the working directory is the same folder: with ``hydra.job.chdir=false`` it never changes.
+    """
+    hydra_cfg = _hydra_config()
+    cwd = hydra_cfg.runtime.get("cwd") if hydra_cfg is not None else None
+    return str(cwd) if cwd else os.getcwd()
+
+
+# Set by `kdexp sweep` (skip, or rerun with --force); a user may set it for any command.
+IF_FINISHED_ENV = "KDEXP_IF_FINISHED"
+
+
+def default_if_finished() -> str:
+    """``${kdexp.if_finished:}``: what a run does with a folder that holds a finished run, unless
+    ``if_finished=`` is given: ``$KDEXP_IF_FINISHED`` when set; else ``skip`` in a multirun job
+    (re-running a sweep into the same ``hydra.sweep.dir`` finishes what is left), ``error`` in a
+    single run (its folder was named on purpose, and a finished result there is not retrained silently)."""
+    chosen = os.environ.get(IF_FINISHED_ENV)
+    if chosen:  # an empty value counts as unset
+        return chosen
+    from hydra.types import RunMode
+
+    hydra_cfg = _hydra_config()
+    return "skip" if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else "error"
+
+
 def register_resolvers() -> None:
-    """Register ``${kdexp.interactive:}``, ``${kdexp.gpu_precision:}`` and ``${kdexp.task:}`` (idempotent)."""
+    """Register the ``${kdexp.*:}`` resolvers that ``conf/`` uses (idempotent): ``interactive``,
+    ``gpu_precision``, ``task``, ``launch_dir`` and ``if_finished``."""
     if not OmegaConf.has_resolver("kdexp.interactive"):
         OmegaConf.register_new_resolver("kdexp.interactive", is_interactive)
     if not OmegaConf.has_resolver("kdexp.gpu_precision"):
         OmegaConf.register_new_resolver("kdexp.gpu_precision", best_gpu_precision)
     if not OmegaConf.has_resolver("kdexp.task"):
         OmegaConf.register_new_resolver("kdexp.task", resolved_task)
+    if not OmegaConf.has_resolver("kdexp.launch_dir"):
+        OmegaConf.register_new_resolver("kdexp.launch_dir", launch_dir)
+    if not OmegaConf.has_resolver("kdexp.if_finished"):
+        OmegaConf.register_new_resolver("kdexp.if_finished", default_if_finished)
 
 
 def to_plain(cfg: Any) -> Any:
@@ -86,8 +132,6 @@ def instantiate(node: Any, *, what: str | None = None, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
-    from kdexp.errors import ConfigError, KdexpError
-
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -105,6 +149,8 @@ def instantiate(node: Any, *, what: str | None = None, **kwargs: Any) -> Any:
                 f"{label}._target_={target} cannot be imported: {type(cause).__name__}: {cause}. Check the dotted "
                 "path, and that its package is installed or on PYTHONPATH."
             ) from None
+        if is_weights_only_refusal(cause):  # a plug-in's torch.load refused a pickle: never echo "weights_only=False"
+            raise refused_pickle(cause, f"read while building {label} ({target}){_where(cause)}", "a file") from None
         raise ConfigError(
             f"{label} ({target}) raised while being built: {type(cause).__name__}: {cause}{_where(cause)}"
         ) from cause

@@ -4,7 +4,9 @@ By default a run prints what a researcher reads: what is being trained, a progre
 bar on a terminal, the result line, and warnings. Lightning's info lines ("GPU
 available", "TPU available", the litlogger tip, "`Trainer.fit` stopped", "Restoring
 states from the checkpoint", the model summary), W&B's banners and run-history
-sparklines, and Lightning's ``LeafSpec`` deprecation warning stay off the console.
+sparklines, Lightning's ``LeafSpec`` deprecation warning, its "`srun` is available but not
+used" hint on SLURM machines, and the joblib launcher's ``Joblib.Parallel(...)`` line stay off
+the console.
 
 ``verbose=true`` brings all of it back, plus kdexp's own details (logged at DEBUG).
 W&B's own switches work as usual: a user who sets ``WANDB_SILENT`` or ``WANDB_QUIET``
@@ -30,6 +32,12 @@ WANDB_VERBOSITY_ENV = ("WANDB_SILENT", "WANDB_QUIET")
 # torch deprecates LeafSpec, and Lightning 2.6 still builds one on every fit and test
 # (pytorch_lightning/utilities/_pytree.py): noise from Lightning's code, not from a run's.
 LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+# On any machine with `srun` on PATH (a SLURM login node) Lightning warns on every Trainer that
+# srun is not used (lightning_fabric/plugins/environments/slurm.py): a hint about how the command
+# was started, whatever it does. kdexp's SLURM route is `kdexp sweep --launcher slurm` (submitit).
+SRUN_HINT_WARNING = r"The `srun` command is available on your system but is not used"
+# Where hydra-joblib-launcher logs its lines (the Joblib.Parallel repr among them).
+JOBLIB_LAUNCHER_LOGGER = "hydra_plugins.hydra_joblib_launcher"
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -45,6 +53,24 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return self._flagged.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
+class LauncherLineFilter(logging.Filter):
+    """Drop the joblib launcher's ``Joblib.Parallel(n_jobs=2,backend=loky,...) is launching N jobs``
+    line from the console unless ``verbose``: it describes joblib's settings, not the runs. Hydra's
+    own lines of a multirun (the sweep folder, ``#0 : kd=hinton ...``) stay.
+
+    It is attached to the console handler of the launching process (``conf/hydra/default.yaml``,
+    ``hydra_logging``), which logs before any job, so :func:`configure_console` is too late there.
+    """
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = bool(verbose)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or not (record.name.startswith(JOBLIB_LAUNCHER_LOGGER)
+                                    and record.getMessage().startswith("Joblib.Parallel("))
 
 
 _verbose: bool | None = None  # the verbosity the last configure_console chose (None: not called)
@@ -66,6 +92,8 @@ def configure_console(verbose: bool, lightning: bool = True) -> None:
     logging.getLogger("kdexp").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # The newest filter wins, and filterwarnings drops an identical older one first.
     warnings.filterwarnings("default" if verbose else "ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+    # By message only: its category (PossibleUserWarning) lives in Lightning, which a pack worker never imports.
+    warnings.filterwarnings("default" if verbose else "ignore", message=SRUN_HINT_WARNING)
 
 
 def quiet_lightning() -> None:

@@ -76,17 +76,54 @@ def load_weights(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = _unpickling_detail(str(err))
-        if "GLOBAL" in detail:  # e.g. "Trying to load unsupported GLOBAL posix.system ..."
-            raise CheckpointError(
-                f"refused to load {what} {path}: loading it would run code ({detail}). kdexp loads weights "
-                "only (torch.load with weights_only=True), so a file from elsewhere never executes anything here. "
-                "If you trust the file, re-save just its weights: torch.save(model.state_dict(), 'weights.pt')."
-            ) from None
-        raise CheckpointError(f"cannot read {what} {path}: it is not a PyTorch weights file, or it is damaged "
-                              f"({detail}).") from None
+        raise refused_pickle(err, path, what) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+
+
+def refused_pickle(err: BaseException, path: str | Path, what: str,
+                   fix: str = "If you trust the file, re-save just its weights: "
+                              "torch.save(model.state_dict(), 'weights.pt').") -> CheckpointError:
+    """kdexp's words for torch's weights-only refusal of ``path``: that the file would run code, or that
+    it is no weights file. torch's own message advises loading with ``weights_only=False``, which runs
+    whatever the file asks for; it is never passed on, only its informative line."""
+    detail = _unpickling_detail(str(err))
+    if "GLOBAL" in detail:  # e.g. "Trying to load unsupported GLOBAL posix.system ..."
+        return CheckpointError(
+            f"refused to load {what} {path}: loading it would run code ({detail}), so it was not loaded. kdexp "
+            f"loads weights only (torch.load with weights_only=True), so a file from elsewhere never executes "
+            f"anything here. {fix}")
+    return CheckpointError(f"cannot read {what} {path}: it is not a PyTorch weights file, or it is damaged "
+                           f"({detail}).")
+
+
+def weights_file_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being read weights-only ("would run code ...", "cannot be read ..."),
+    or None when it reads. Nothing in the file runs: the check is the weights-only load itself."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = _unpickling_detail(str(err))
+        if "GLOBAL" in detail:
+            return (f"would run code if loaded ({detail}) and was refused: a checkpoint kdexp writes holds tensors "
+                    "and plain values only, so this file was replaced or changed")
+        return f"is not a PyTorch checkpoint, or is damaged ({detail})"
+    except Exception as err:  # noqa: BLE001 - a torn archive fails in many ways; each is "cannot be read"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"cannot be read: it is truncated or damaged ({type(err).__name__}: {first})"
+    return None
+
+
+def is_weights_only_refusal(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is torch's weights-only refusal of a pickle."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:  # the chain of causes; a loop ends it
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return any(isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) for e in chain)
 
 
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")

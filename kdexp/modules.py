@@ -20,7 +20,7 @@ from kdexp.errors import NonFiniteLossError
 from kdexp.metrics import EvalMetrics, settings_in_force
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
-from kdexp.objectives.base import DistillationObjective, ModelOutputs, total_loss
+from kdexp.objectives.base import DistillationObjective, ModelOutputs, at_least_float32, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
 from kdexp.teacher_outputs import TeacherOutputStore, as_teacher_input
@@ -282,8 +282,8 @@ class DistillationModule(SupervisedModule):
             return self.teacher_store.outputs(split, index)
         x = as_teacher_input(self.teacher, x)  # a teacher loaded in bf16 (teacher.dtype) reads bf16
         if isinstance(self.teacher, TeacherEnsemble):  # several teachers: each one's view, and their average
-            members = [m.float() for m in self.teacher.member_logits(x)]
+            members = [at_least_float32(m) for m in self.teacher.member_logits(x)]
             return ModelOutputs(average_probability_logits(members), {}, members)
-        logits = self.teacher(x).float()  # the objectives compute in float32 whatever the teacher's dtype
-        features = {k: v.float() for k, v in (self._teacher_hooks.pop() if self._teacher_hooks else {}).items()}
+        logits = at_least_float32(self.teacher(x))  # a bf16/fp16 teacher's outputs reach the objectives in float32
+        features = {k: at_least_float32(v) for k, v in (self._teacher_hooks.pop() if self._teacher_hooks else {}).items()}
         return ModelOutputs(logits, features)

@@ -264,11 +264,12 @@ def _train_members(members: list[Member]) -> None:
         fingerprint = datamodule.fingerprint()
     with shared.timed("teacher"):
         teacher = get_teacher(base, datamodule)
-    require_better_than_chance(teacher, int(base.data.num_classes), bool(base.teacher.get("allow_untrained", False)),
-                               majority_share(datamodule.splits["test"].y))
+    better = require_better_than_chance(teacher, int(base.data.num_classes),
+                                        bool(base.teacher.get("allow_untrained", False)),
+                                        majority_share(datamodule.splits["test"].y))
     for member in members:
         member.recorder.update(task=datamodule.task, data_fingerprint=fingerprint, data_sizes=data_sizes(datamodule),
-                               **teacher_fields(teacher))
+                               **teacher_fields(teacher, better))
     for member in members:  # seeded and built in the order run_experiment builds them
         cfg = member.cfg
         seed_everything(int(cfg.seed))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +20,8 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdexp.chain import assistant_config, chain_of, lineage_entry, route_of, stage_key
+from kdexp.chain import (assistant_config, chain_of, lineage_entry, route_of, route_tag, stage_file,
+                          stage_key, stage_lineage)
 from kdexp.config import choice, choices, instantiate, objective_node, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
@@ -27,15 +30,16 @@ from kdexp.files import storage_error
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
 from kdexp.objectives.base import UNLABELLED, DistillationObjective
-from kdexp.records import RunRecorder, read_record
+from kdexp.records import RunRecorder, read_record, sweep_fields
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
 from kdexp.seeding import seed_everything
 from kdexp.tasks import AUTO, task_of
-from kdexp.teacher import INIT_FILE_ROLE, Teacher, load_teacher_weights, provision_teacher, teacher_cache_key, weights_hash
+from kdexp.teacher import (INIT_FILE_ROLE, CheckpointRole, Teacher, load_teacher_weights, provision_teacher,
+                           teacher_cache_key, weights_hash)
 from kdexp.teacher_source import get_teacher_outputs, read_predictions, teacher_of_predictions
 from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
-from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST
+from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST, teacher_metric
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,26 @@ def evaluate_accuracy(model: nn.Module, batches: IndexBatches) -> float:
         total += int(valid.sum())
     model.train(was_training)
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def teacher_reference_metrics(teacher: Teacher, datamodule: InMemoryDataModule) -> dict[str, float]:
+    """A language-model teacher's test nll, bpb and ppl as ``teacher/test_nll`` etc.: the teacher's
+    reference row of a report on those metrics, measured on the student's test split. Empty for
+    classifiers (their tables compare accuracies: ``teacher/test_acc``) and for a teacher known only
+    from a predictions file."""
+    if teacher.model is None or datamodule.task != "causal_lm":
+        return {}
+    from kdexp.metrics import EvalMetrics
+
+    was_training = teacher.model.training
+    teacher.model.eval()
+    metrics = EvalMetrics(int(datamodule.num_classes))
+    for x, y, _ in datamodule.eval_batches("test"):
+        metrics.update(teacher.model(x), y)
+    teacher.model.train(was_training)
+    return {teacher_metric(f"test/{name}"): float(value) for name, value in metrics.compute().items()
+            if name in ("nll", "bpb", "ppl")}
 
 
 def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
@@ -96,27 +120,56 @@ def apply_num_threads(num_threads: int | None) -> None:
     torch.set_num_threads(int(num_threads))
 
 
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM outside Lightning (making the data or a teacher's outputs): stop as Ctrl-C does.
+
+    While Lightning fits or tests, its own handler runs first and then calls this one, the handler it
+    found: Lightning stops after the batch and saves ``last.ckpt``, so this one leaves the stop to it.
+    """
+    if signal.getsignal(signal.SIGTERM) is _interrupt_on_sigterm:
+        raise RunInterrupted("stopped by SIGTERM outside training (while the data, the teacher or its outputs "
+                             "were prepared). Run the same command again: it continues from checkpoints/last.ckpt "
+                             "when there is one, and starts afresh otherwise.")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`RunInterrupted` (whose record then says interrupted)
+    instead of killing the process with its record left ``running``. A handler installed before
+    (submitit's, a pack worker's) stays in charge, as it does in a fit."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _interrupt_on_sigterm):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
     """Close the run's record and its W&B run however the block ends.
 
-    A clean exit marks both finished; Ctrl-C or a stop signal marks the record
-    ``interrupted`` (a later run of the same command resumes it); any other exception
-    marks it failed. The error is kept in the record and propagates.
+    A clean exit marks both finished; Ctrl-C or a stop signal (SIGTERM outside a fit too, see
+    :func:`sigterm_interrupts`) marks the record ``interrupted`` (a later run of the same command
+    resumes it); any other exception marks it failed. The error is kept in the record and propagates.
     """
-    try:
-        yield recorder
-    except (KeyboardInterrupt, RunInterrupted) as err:
-        recorder.finish("interrupted", err)
-        finish_wandb(exit_code=1)
-        raise
-    except BaseException as err:
-        recorder.finish("failed", err)
-        finish_wandb(exit_code=1)
-        raise
-    with recorder.timed("logger_finish"):
-        finish_wandb()
-    recorder.finish("finished")
+    with sigterm_interrupts():
+        try:
+            yield recorder
+        except (KeyboardInterrupt, RunInterrupted) as err:
+            recorder.finish("interrupted", err)
+            finish_wandb(exit_code=1)
+            raise
+        except BaseException as err:
+            recorder.finish("failed", err)
+            finish_wandb(exit_code=1)
+            raise
+        with recorder.timed("logger_finish"):
+            finish_wandb()
+        recorder.finish("finished")
 
 
 # -- the teacher -------------------------------------------------------------------
@@ -188,11 +241,39 @@ def get_assistant(cfg: DictConfig, datamodule: InMemoryDataModule) -> Teacher:
     """The chain's last assistant as a frozen teacher, trained first (as an ordinary run) if needed.
 
     The stage's run folder is ``<cache>/stages/<key>``; a lock makes one process train
-    it while others wait. A finished stage is reused; an interrupted one resumes.
+    it while others wait. A finished stage is reused; an interrupted one resumes. Its
+    files are read where the cache is now (a moved or copied cache reads its own).
     """
     stage_cfg = assistant_config(cfg)
+    key, folder, record = trained_stage(stage_cfg)
+    best = stage_file(record, folder, "best")
+    if record.get("status") != "finished" or best is None:
+        raise CheckpointError(f"chain stage {folder} did not finish (status {record.get('status')}); see its "
+                              f"record {folder / 'run_record.json'}.")
+    role = CheckpointRole(
+        "cached chain stage checkpoint", "teacher",
+        f"The stage's record says it finished, so the cache (paths.cache_dir, KDEXP_CACHE_DIR) was moved or copied "
+        f"without its files, or damaged. Delete {folder} to train this stage again, or point KDEXP_CACHE_DIR at the "
+        "complete cache",
+        f"The file was changed after the stage wrote it: delete {folder} to train this stage again")
+    model = load_teacher_weights(instantiate(stage_cfg.student, what="chain stage"), best,
+                                 int(cfg.data.num_classes), role)
+    test_acc = evaluate_accuracy(model, datamodule.eval_batches("test"))
+    digest = weights_hash(model)
+    earlier = stage_lineage(record, folder)
+    lineage = [*earlier, lineage_entry(len(earlier), choice(stage_cfg, "student"), stage_cfg.student.get("width"),
+                                       (record.get("objective") or {}).get("label", "?"), digest, test_acc, str(best))]
+    log.info("Chain stage %s (width %s, test acc %.4f) is the teacher", folder, stage_cfg.student.get("width"), test_acc)
+    return Teacher(model.eval(), digest, test_acc, "stage", str(best), key, lineage)
+
+
+def trained_stage(stage_cfg: DictConfig) -> tuple[str, Path, dict[str, Any]]:
+    """The key, folder and record of the chain stage that ``stage_cfg`` runs, trained now if it has not
+    finished; the stages before it are trained first, so stages train and are announced in order."""
     key = stage_key(stage_cfg, teacher_key(stage_cfg))
-    folder = Path(cfg.paths.cache_dir) / "stages" / key
+    folder = Path(stage_cfg.paths.cache_dir) / "stages" / key
+    if chain_of(stage_cfg) and (read_record(folder) or {}).get("status") != "finished":
+        trained_stage(assistant_config(stage_cfg))  # its teacher, an earlier stage
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder.parent / f"{key}.lock"))
@@ -206,19 +287,7 @@ def get_assistant(cfg: DictConfig, datamodule: InMemoryDataModule) -> Teacher:
             record = read_record(folder) or {}
     finally:
         lock.release()
-    best = (record.get("checkpoints") or {}).get("best")
-    if record.get("status") != "finished" or not best:
-        raise CheckpointError(f"chain stage {folder} did not finish (status {record.get('status')}); see its "
-                              f"record {folder / 'run_record.json'}.")
-    model = load_teacher_weights(instantiate(stage_cfg.student, what="chain stage"), best,
-                                 int(cfg.data.num_classes))
-    test_acc = evaluate_accuracy(model, datamodule.eval_batches("test"))
-    digest = weights_hash(model)
-    lineage = [*record.get("lineage", []),
-               lineage_entry(len(record.get("lineage", [])), choice(stage_cfg, "student"), stage_cfg.student.get("width"),
-                             (record.get("objective") or {}).get("label", "?"), digest, test_acc, best)]
-    log.info("Chain stage %s (width %s, test acc %.4f) is the teacher", folder, stage_cfg.student.get("width"), test_acc)
-    return Teacher(model.eval(), digest, test_acc, "stage", best, key, lineage)
+    return key, folder, record
 
 
 def train_stage(stage_cfg: DictConfig, folder: Path) -> None:
@@ -298,16 +367,24 @@ def majority_share(targets: torch.Tensor) -> float:
     return float(torch.bincount(labelled).max()) / max(len(labelled), 1) if len(labelled) else 0.0
 
 
-def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool, majority: float = 0.0) -> None:
+def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool, majority: float = 0.0) -> bool:
     """Refuse to distil from a teacher that scores no better than guessing (an untrained or broken file).
 
     Guessing is 1/C, or always answering the most frequent target (``majority``): a random
     language model that happens to predict the space character everywhere is no teacher.
     A record must not call a run "distilled" when there was nothing to distil; a
-    random-teacher control is still possible, on purpose, with ``+teacher.allow_untrained=true``.
+    random-teacher control is still possible, on purpose, with ``+teacher.allow_untrained=true``
+    (``debug=fast`` sets it: its one-epoch teachers check that things run). Returns whether the
+    teacher beat chance, for the record (``teacher.better_than_chance``).
     """
     chance = 1.0 / num_classes
-    if teacher.test_acc < max(1.5 * chance, majority + 0.01) and not allowed:
+    better = teacher.test_acc >= max(1.5 * chance, majority + 0.01)
+    if not better and allowed:
+        log.warning("The teacher scores %.1f %% on the test set, no better than chance (always answering the most "
+                    "frequent target scores %.1f %%); distilling from it anyway (teacher.allow_untrained=true): "
+                    "this run's record says teacher.better_than_chance: false.", 100 * teacher.test_acc,
+                    100 * max(chance, majority))
+    if not better and not allowed:
         raise CheckpointError(
             f"the teacher ({teacher.source}: {teacher.path}) scores {100 * teacher.test_acc:.1f} % on the test set, "
             f"no better than chance ({100 * chance:.1f} % for {num_classes} classes; always answering the most "
@@ -315,6 +392,7 @@ def require_better_than_chance(teacher: Teacher, num_classes: int, allowed: bool
             "teacher.checkpoint (or teacher.max_epochs), or pass +teacher.allow_untrained=true for a deliberate "
             "random-teacher control."
         )
+    return better
 
 
 def same_as_before(before: str | None, now: str, what: str) -> None:
@@ -354,8 +432,10 @@ def init_student(cfg: DictConfig, student: nn.Module) -> dict[str, Any] | None:
 
 
 def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
+    """``distill-mlp16-hinton-T4-a0.9-s1``; through a chain, the route too: ``distill-mlp16-via48-32-hinton-…``."""
     width = cfg.student.get("width", "")
-    return f"{job_type}-{choice(cfg, 'student')}{width}-{objective_label}-s{cfg.seed}"  # finetune-gpt64-ce-s1
+    route = f"{route_tag(cfg)}-" if route_tag(cfg) else ""
+    return f"{job_type}-{choice(cfg, 'student')}{width}-{route}{objective_label}-s{cfg.seed}"  # finetune-gpt64-ce-s1
 
 
 def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | None = None) -> dict[str, Any]:
@@ -380,8 +460,10 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
             teacher, members = teacher_of_predictions(cfg, predictions), []
         else:
             teacher, members = get_teachers(cfg, datamodule)
-    require_better_than_chance(teacher, int(cfg.data.num_classes), bool(cfg.teacher.get("allow_untrained", False)),
-                               majority_share(datamodule.splits["test"].y))
+    better = require_better_than_chance(teacher, int(cfg.data.num_classes),
+                                        bool(cfg.teacher.get("allow_untrained", False)),
+                                        majority_share(datamodule.splits["test"].y))
+    reference = {TEACHER_TEST_ACC: teacher.test_acc, **teacher_reference_metrics(teacher, datamodule)}  # in float32
     if cfg.teacher.get("dtype") and teacher.model is not None:  # e.g. bfloat16: half the memory of a large teacher (its test accuracy was measured
         teacher.model.to(getattr(torch, str(cfg.teacher.dtype)))  # in float32, the hash is of the trained weights)
     if members:
@@ -389,7 +471,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
                                    "cache_key": m.cache_key} for m in members])
     if resume_from is not None:
         same_as_before((recorder.record.get("teacher") or {}).get("hash"), teacher.weights_hash, "teacher (weights hash)")
-    recorder.update(**teacher_fields(teacher))
+    recorder.update(**teacher_fields(teacher, better))
 
     # Seeded after the teacher (so a cache hit changes nothing) and before anything random
     # is built: an objective with parameters (a FitNets regressor) is as reproducible as the student.
@@ -409,7 +491,7 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         member_count = len(members) if teacher.model is not None else int(predictions.manifest.get("members") or 0)
         teacher_store, outputs_note = get_teacher_outputs(cfg, datamodule, teacher, member_count, objective,
                                                          predictions)
-    recorder.update(teacher_outputs=outputs_note)
+    recorder.update(teacher_outputs={**outputs_note, **topk_approximation(teacher_store, task_of(cfg).per_position)})
 
     wandb_config = student_wandb_config(cfg, recorder.record, teacher)
     previous_wandb = recorder.record.get("wandb") or {}
@@ -417,9 +499,9 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
         logger = build_logger(cfg, output_dir, run_name, job_type, wandb_config,
                               run_id=previous_wandb.get("id") if resume_from is not None else None,
                               objective_name=objective.name)
-    recorder.update(wandb=wandb_run_info(logger))
+    recorder.update(wandb=wandb_run_info(logger) or earlier_wandb_run(previous_wandb, recorder.record, resume_from))
     if logger is not None and resume_from is None:  # a resumed W&B run already has it (and is past step 0)
-        logger.log_metrics({TEACHER_TEST_ACC: teacher.test_acc}, step=0)
+        logger.log_metrics(reference, step=0)
 
     from kdexp.fitting import build_trainer, fit_and_test
     from kdexp.modules import DistillationModule
@@ -432,10 +514,43 @@ def run_experiment(cfg: DictConfig, recorder: RunRecorder, resume_from: Path | N
     module.bind_objective(probe_x, probe_index)  # adapters exist before the optimiser
     initial = {"val/acc_init": evaluate_accuracy(student, datamodule.eval_batches("val"))}
     trainer = build_trainer(cfg, output_dir, logger)
-    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from, recorder), TEACHER_TEST_ACC: teacher.test_acc}
+    metrics = {**initial, **fit_and_test(trainer, module, datamodule, resume_from, recorder), **reference}
     recorder.update(metrics=metrics, epochs=trainer.current_epoch, global_steps=trainer.global_step,
                     checkpoints=checkpoint_files(output_dir))
     return recorder.record
+
+
+def topk_approximation(store: Any, per_position: bool) -> dict[str, str]:
+    """What top-k teacher outputs (``kd.cache_topk``, ``kdexp predict --topk``) lose, for the record
+    (``teacher_outputs.approximation``); nothing for full logits, or a k that keeps every class.
+
+    Top-k is made for language models, whose full logits over a large vocabulary are too large to
+    cache (4 bytes × vocabulary per position against 8k + 4). A classifier's few logits cost little,
+    and top-k changes its soft targets: that is said as a warning at the start of the run.
+    """
+    split = store.splits.get("train") if store is not None else None
+    if split is None or split.topk_indices is None or split.logits.shape[-1] >= split.vocab:
+        return {}
+    k, vocab = int(split.logits.shape[-1]), int(split.vocab)
+    kept = (f"the teacher's {k} largest of {vocab} logits per {'position' if per_position else 'input'}; the other "
+            f"{vocab - k} share the remaining probability evenly")
+    if not per_position:
+        log.warning("kd.cache_topk=%d on a %d-class classifier: the soft targets are an approximation of the "
+                    "teacher's (%s), so results differ from KD on its full outputs. Top-k is meant for language "
+                    "models, whose large vocabularies make full logits too large to cache; %d classes cost %d "
+                    "bytes per input in full (%d as top-%d). Drop kd.cache_topk unless the approximation is what "
+                    "you study.", k, vocab, kept, vocab, 4 * vocab, 8 * k + 4, k)
+    return {"approximation": kept}
+
+
+def earlier_wandb_run(previous: dict[str, Any], record: dict[str, Any], resume_from: Path | None
+                      ) -> dict[str, Any] | None:
+    """The W&B run that holds a resumed run's earlier epochs, when the resumed part logs to none
+    (``logger=csv`` or ``none``): still this run's, so the record keeps pointing at it, and says that
+    its history ends where this continuation began (``history_until``)."""
+    if resume_from is None or not previous.get("id"):
+        return None
+    return {**previous, "history_until": previous.get("history_until") or record["resumed"][-1]["at"]}
 
 
 def data_sizes(datamodule: InMemoryDataModule) -> dict[str, int]:
@@ -445,11 +560,13 @@ def data_sizes(datamodule: InMemoryDataModule) -> dict[str, int]:
             "val": len(datamodule.splits["val"].x), "test": len(datamodule.splits["test"].x)}
 
 
-def teacher_fields(teacher: Teacher) -> dict[str, Any]:
-    """What a student's record states about its teacher: identity, lineage, stage and route."""
+def teacher_fields(teacher: Teacher, better_than_chance: bool) -> dict[str, Any]:
+    """What a student's record states about its teacher: identity, lineage, stage and route, and whether
+    it beat chance (false only where ``teacher.allow_untrained=true`` let a weak teacher through)."""
     return {"teacher": {"hash": teacher.weights_hash, "test_acc": teacher.test_acc, "source": teacher.source,
                         "path": teacher.path, "cache_key": teacher.cache_key,
-                        "verified": teacher.model is not None},  # False: taken from a predictions file
+                        "verified": teacher.model is not None,  # False: taken from a predictions file
+                        "better_than_chance": better_than_chance},
             "lineage": teacher.lineage, "stage": len(teacher.lineage), "route": route_of(teacher.lineage)}
 
 
@@ -466,7 +583,7 @@ def student_wandb_config(cfg: DictConfig, record: dict[str, Any], teacher: Teach
 def base_record(cfg: DictConfig) -> dict[str, Any]:
     """What a record knows before the run starts."""
     return {"config": to_plain(cfg), "choices": choices(cfg), "overrides": list(cfg.get("overrides") or []),
-            "seed": cfg.get("seed")}
+            "seed": cfg.get("seed"), **sweep_fields()}
 
 
 def with_runtime(cfg: DictConfig) -> DictConfig:

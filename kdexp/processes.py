@@ -72,7 +72,9 @@ def exit_now(code: object) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`kdexp ... | head`) or a closed stream
+        except BrokenPipeError:  # `kdexp ... | head`: what was still buffered never reached its reader
+            status = status or broken_pipe_exit()
+        except (OSError, ValueError):  # a closed stream
             pass
     os._exit(status)
 
@@ -84,4 +86,17 @@ def run_then_exit(main: Callable[[], object]) -> NoReturn:
         code = main()
     except SystemExit as stop:  # argparse's --help and usage errors, Hydra's exits
         code = stop.code
+    except BrokenPipeError:  # `kdexp ... | head`: the reader has gone; end quietly, as a program that
+        code = broken_pipe_exit()  # SIGPIPE ended would, instead of a traceback about it
     exit_now(code)
+
+
+def broken_pipe_exit() -> int:
+    """Point stdout at /dev/null (output still buffered for the closed pipe is dropped, not raised
+    again at exit) and return the status of a process that SIGPIPE ended, 128 + 13."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout: exit_now's flush ignores the error
+        pass
+    return 128 + int(getattr(signal, "SIGPIPE", 13))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -25,6 +26,9 @@ from kdexp.files import atomic_write_text
 
 RECORD_NAME = "run_record.json"
 SCHEMA_VERSION = 1
+# Set by `kdexp sweep` for the runs it starts: their records say which sweep ran them (``sweep_id``), so
+# a sweep's summary tells its own runs from those another process ran or holds in the same folders.
+SWEEP_ID_ENV = "KDEXP_SWEEP_ID"
 _PACKAGES = ("kdexp", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "torchmetrics", "mnist1d")
 
 
@@ -35,6 +39,12 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def sweep_fields() -> dict[str, str]:
+    """``{"sweep_id": ...}`` when this process runs a job of a ``kdexp sweep``, else nothing."""
+    sweep_id = os.environ.get(SWEEP_ID_ENV)
+    return {"sweep_id": sweep_id} if sweep_id else {}
 
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> Path:

@@ -165,9 +165,29 @@ def _decide(folder: Path, previous: dict[str, Any] | None, config: dict[str, Any
     checkpoint = folder / LAST_CHECKPOINT
     if status in RESUMABLE_STATUSES and resume and checkpoint.is_file():
         if run_identity(previous.get("config") or {}) == run_identity(config):
+            refuse_unreadable_checkpoints(folder)
             log.info("Resuming the %s run in %s from %s.", status, folder, checkpoint)
             return Claim("resume", previous=previous, checkpoint=checkpoint)
         log.warning("%s holds an unfinished run of another config: archiving it and starting this one.", folder)
     elif status in RESUMABLE_STATUSES and resume:
         log.info("%s holds an unfinished run without a checkpoint: archiving it and starting afresh.", folder)
     return Claim("start", previous=previous, archived=[archive(folder, f"{status}-{stamp}")])
+
+
+def refuse_unreadable_checkpoints(folder: Path) -> None:
+    """Before a resume, read every checkpoint of the folder weights-only, or refuse with the folder untouched.
+
+    Training continues from ``last.ckpt`` but tests at ``best.ckpt`` only after the remaining
+    epochs; a file that would run code, or a truncated one, is found now rather than after them.
+    """
+    from kdexp.errors import CheckpointError
+    from kdexp.files import weights_file_problem
+
+    for path in sorted((folder / LAST_CHECKPOINT.parent).glob("*.ckpt")):
+        problem = weights_file_problem(path)
+        if problem:
+            raise CheckpointError(
+                f"cannot resume the unfinished run in {folder}: its checkpoint {path.relative_to(folder)} {problem}. "
+                "Nothing in the folder was changed. Rerun with resume=false to archive the unfinished run (moved to "
+                f"{ARCHIVE_NAME}/, never deleted) and start afresh, or put back a good copy of the file to resume."
+            )

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ import yaml
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
 from kdexp.processes import can_fork, die_with_parent
-from kdexp.records import RECORD_NAME, read_record
+from kdexp.records import RECORD_NAME, SWEEP_ID_ENV, read_record
 
 
 @dataclass
@@ -203,16 +204,24 @@ def multirun_command(spec: SweepSpec, sweep_dir: Path, overrides: list[str], job
     return command
 
 
-def worker_env(jobs: int, if_finished: str) -> dict[str, str]:
+def worker_env(jobs: int, if_finished: str, sweep_id: str | None = None) -> dict[str, str]:
     """Environment for the sweep.
 
     Each run pins torch to ``num_threads`` (default 1), so N workers use N cores and
     results do not depend on N; BLAS libraries outside torch get cores / N threads.
+    ``sweep_id`` goes into the record of every run the sweep starts (see :func:`summarize`).
     """
     threads = str(max(1, (os.cpu_count() or 1) // max(jobs, 1)))
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "KDEXP_IF_FINISHED": if_finished})
+    if sweep_id:
+        env[SWEEP_ID_ENV] = sweep_id
     return env
+
+
+def new_sweep_id() -> str:
+    """One invocation of ``kdexp sweep``: host, process and start time (two sweeps never share one)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}"
 
 
 def collect(sweep_dir: Path) -> dict[GridPoint, tuple[Path, dict[str, Any]]]:
@@ -235,18 +244,27 @@ def finished_points(sweep_dir: Path) -> set[GridPoint]:
     return {point for point, (_, record) in collect(sweep_dir).items() if record.get("status") == "finished"}
 
 
-def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint]) -> tuple[str, dict[str, int]]:
-    """Finished / skipped / failed / missing counts for ``points``, and failures with their errors.
+def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint],
+              sweep_id: str | None = None) -> tuple[str, dict[str, int]]:
+    """Finished / skipped / failed / missing / refused counts for ``points``, and failures with their errors.
 
     ``skipped``: the points that were already finished before the sweep ran and were not rerun.
+    ``sweep_id``: this sweep's (:func:`new_sweep_id`). A point whose record another process wrote
+    while this sweep ran (another sweep into the same ``--dir`` held its folder, or finished it
+    first) was refused here, not run: it counts as refused, whatever its status.
     """
     records = collect(sweep_dir)
-    counts = {"finished": 0, "skipped": 0, "failed": 0, "missing": 0}
+    counts = {"finished": 0, "skipped": 0, "failed": 0, "missing": 0, "refused": 0, "refused_unfinished": 0}
     failures = []
     for point in points:
         folder, record = records.get(point, (None, {}))
         status = record.get("status")
-        if status == "failed":
+        if record and point not in skipped and sweep_id is not None and record.get("sweep_id") != sweep_id:
+            counts["refused"] += 1
+            counts["refused_unfinished"] += status != "finished"
+            holder = "in use by another run" if status == "running" else f"{status} by another run"
+            failures.append(f"  refused   {' '.join(point)}\n            {holder} ({folder})")
+        elif status == "failed":
             counts["failed"] += 1
             error = record.get("error", {})
             failures.append(f"  failed    {' '.join(point)}\n            {error.get('type')}: "
@@ -261,6 +279,8 @@ def summarize(points: list[GridPoint], sweep_dir: Path, skipped: set[GridPoint])
             counts["finished"] += 1
     head = (f"sweep {sweep_dir}: {len(points)} runs — {counts['finished']} finished, {counts['skipped']} skipped "
             f"(already finished), {counts['failed']} failed, {counts['missing']} missing")
+    if counts["refused"]:
+        head += f", {counts['refused']} refused (another process ran or holds them, not this sweep)"
     return "\n".join([head, *failures]), counts
 
 
@@ -332,6 +352,7 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
         print(f"  unreadable record {path}: that run is run again (its old files are archived first)", flush=True)
     skipped = set() if force else finished_points(sweep_dir)
     started = time.time()
+    sweep_id = new_sweep_id()
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -340,11 +361,11 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
     interrupted = False
     returncode = 0
     try:
-        env = worker_env(jobs, "rerun" if force else "skip")
+        env = worker_env(jobs, "rerun" if force else "skip", sweep_id)
         if not force and set(points) <= skipped:  # a multirun would only start jobs that skip themselves
             print("  every run is already finished: nothing to run (--force runs them again)", flush=True)
         elif plan is not None and plan.packs:
-            returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force, composed_jobs)
+            returncode = run_packs(spec, overrides, points, plan, sweep_dir, jobs, force, composed_jobs, sweep_id)
             records = collect(sweep_dir)
             left = [points[i] for i in plan.alone] + [
                 points[i] for pack in plan.packs for i in pack
@@ -366,14 +387,14 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
         interrupted = True
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    text, counts = summarize(points, sweep_dir, skipped)
+    text, counts = summarize(points, sweep_dir, skipped, sweep_id)
     print(f"\n{text}\n  wall time {time.time() - started:.0f} s", flush=True)
     if interrupted:
         print("  interrupted: run the same command again to finish the grid (unfinished runs resume)", flush=True)
         return 130
     if returncode != 0:
         print(f"  the multirun itself exited with code {returncode}", flush=True)
-    return 0 if returncode == 0 and counts["failed"] == counts["missing"] == 0 else 1
+    return 0 if returncode == 0 and counts["failed"] == counts["missing"] == counts["refused_unfinished"] == 0 else 1
 
 
 # -- packed grids: --pack N ------------------------------------------------------------
@@ -464,7 +485,7 @@ def jobs_to_compose(spec: SweepSpec, overrides: list[str], points: list[GridPoin
 
 
 def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], plan: PackPlan, sweep_dir: Path,
-              jobs: int, force: bool, composed_jobs: list[Any] | None = None) -> int:
+              jobs: int, force: bool, composed_jobs: list[Any] | None = None, sweep_id: str | None = None) -> int:
     """Queue the plan's packs and train them in ``jobs`` worker processes (:class:`ForkedWorker`, which
     is handed the members' configs composed ahead, or ``python -m kdexp.packed_runs`` where this
     process cannot fork)."""
@@ -478,7 +499,7 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
                                  "jobs": [job_overrides(spec, overrides, points[i]) for i in pack]}
                                 for pack in plan.packs])
     workers = min(jobs, len(plan.packs))
-    env = worker_env(jobs, "skip")
+    env = worker_env(jobs, "skip", sweep_id)
     try:
         if can_fork():
             if plan.wandb:

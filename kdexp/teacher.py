@@ -9,7 +9,6 @@ every parallel sweep worker) waits, then loads the cached weights.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 
 from kdexp.errors import CheckpointError
 from kdexp.files import atomic_torch_save, load_weights, storage_error
+from kdexp.vocabulary import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def teacher_cache_key(teacher_cfg: dict[str, Any], data_cfg: dict[str, Any], tra
         "data": {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_NOT_IN_KEY},
         "trainer": {k: v for k, v in trainer_cfg.items() if k not in _TRAINER_KEYS_NOT_IN_KEY},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # Canonical: `teacher.optimizer.lr=1` from a command line is the same teacher as `lr: 1.0`.
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
 def save_teacher(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:

@@ -12,6 +12,9 @@ the pages instead of each holding a copy). A manifest inside it names what it wa
 computed from (teacher weights hash, data fingerprint, the data config that shapes
 each input, tapped layers) and a SHA-256 of every split's tensors, so a file from
 another teacher or data set is refused and a torn or corrupted file is detected.
+A checksum stored beside the data detects damage, not edits: a file is therefore also
+checked against the teacher itself when it is read (:func:`verify_against_teacher`
+recomputes a random sample of rows of every split and compares them).
 
 Outputs are looked up by ``(split, index in that split)``, never by batch position:
 the batches of a shuffled epoch carry the indices of their samples.
@@ -38,7 +41,8 @@ from kdexp.errors import CheckpointError
 from kdexp.files import atomic_torch_save, load_weights, storage_error
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
-from kdexp.objectives.base import ModelOutputs
+from kdexp.objectives.base import ModelOutputs, at_least_float32
+from kdexp.vocabulary import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,7 @@ class TeacherOutputStore:
         self.splits = dict(splits)
         self.manifest = dict(manifest)
         self.path = path
+        self.verification: dict[str, Any] | None = None  # set by verify_against_teacher
         self._on_device: dict[tuple[str, torch.device], SplitOutputs] = {}
 
     def outputs(self, split: str, index: Tensor) -> ModelOutputs:
@@ -156,19 +161,19 @@ def compute_split(teacher: nn.Module, batches: Any, teacher_layers: Sequence[str
             x = as_teacher_input(teacher, x)
             if isinstance(teacher, TeacherEnsemble):
                 member_logits = teacher.member_logits(x)
-                logits.append(average_probability_logits(member_logits).float())
-                members.append(torch.stack(member_logits, dim=1).float())  # (B, K, C)
+                logits.append(at_least_float32(average_probability_logits(member_logits)))
+                members.append(at_least_float32(torch.stack(member_logits, dim=1)))  # (B, K, C)
             elif topk:
-                z = teacher(x).float()
+                z = at_least_float32(teacher(x))
                 vocab = z.shape[-1]
                 values, top = z.topk(min(topk, vocab), dim=-1)
                 logits.append(values)
                 indices.append(top.int())
                 rests.append(z.scatter(-1, top, float("-inf")).logsumexp(-1))
             else:
-                logits.append(teacher(x).float())
+                logits.append(at_least_float32(teacher(x)))  # 16-bit teachers stored in float32, float64 kept
             for name, value in (hooks.pop() if hooks else {}).items():
-                features[name].append(value.float())
+                features[name].append(at_least_float32(value))
             if int(index[0]) != sum(len(z) for z in logits[:-1]):
                 raise ValueError("teacher outputs must be computed over unshuffled batches in sample order")
     finally:
@@ -262,6 +267,78 @@ def identity_mismatch(store: TeacherOutputStore, expected: Mapping[str, Any]) ->
     return problems
 
 
+# -- checking a file against its teacher ----------------------------------------------
+# Rows recomputed per split when a file is read: the teacher's forward pass on 3 × 64 inputs
+# (see README "Fast distillation" for the measured cost). A file edited in a fraction f of a
+# split's rows escapes with probability (1 − f)^64: 3.7 % at f = 5 %, 1e-6 at f = 20 %.
+VERIFY_ROWS = 64
+
+
+class OutputsMismatchError(DamagedOutputsError):
+    """A teacher-outputs file whose rows are not what the teacher computes on the same inputs."""
+
+
+def verify_tolerance(dtype: torch.dtype) -> float:
+    """How far a recomputed row may differ from the stored one (absolute and relative, as in ``isclose``).
+
+    A batch of other rows sums in another order: float32 rows differ by ~3e-5 (DESIGN.md),
+    while a 16-bit teacher rounds every layer's output to 8 (bf16) or 11 (fp16) bits."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def verify_against_teacher(store: TeacherOutputStore, teacher: nn.Module, inputs: Callable[[str, Tensor], Tensor],
+                           rows: int = VERIFY_ROWS, seed: int | None = None) -> dict[str, Any]:
+    """Recompute ``rows`` rows of every split with ``teacher`` and compare them with ``store``.
+
+    ``inputs(split, index)`` gives the inputs of samples ``index`` as the teacher reads them.
+    The rows are drawn afresh on every read (``seed`` recorded, so a check can be repeated):
+    a file edited in a fixed set of rows cannot be made to pass by avoiding a known sample.
+    Logits (full or top-k), tapped features and ensemble members are all compared. Raises
+    :class:`OutputsMismatchError` naming the split, the rows and the largest difference;
+    returns what the record states about the check (also kept as ``store.verification``).
+    """
+    started = time.perf_counter()
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    generator = torch.Generator().manual_seed(seed)
+    param = next(teacher.parameters(), None)
+    tolerance = verify_tolerance(param.dtype if param is not None else torch.float32)
+    layers, topk = store.teacher_layers, store.manifest.get("topk")
+    worst, checked = 0.0, 0
+    for split, stored in store.splits.items():
+        total = len(stored.logits)
+        if total == 0:
+            continue
+        index = torch.randperm(total, generator=generator)[: min(rows, total)].sort().values
+        local = torch.arange(len(index))
+        fresh = compute_split(teacher, [(inputs(split, index), None, local)], layers, topk)
+        pairs = [("logits", stored.dense_logits(index), fresh.dense_logits(local))]
+        pairs += [(f"features/{k}", v[index], fresh.features[k]) for k, v in sorted(stored.features.items())]
+        if stored.members is not None and fresh.members is not None:
+            pairs.append(("members", stored.members[index], fresh.members))
+        for name, kept, now in pairs:
+            kept, now = kept.float(), now.float()
+            if kept.shape != now.shape:
+                raise OutputsMismatchError(f"the '{split}' split's {name} have shape {tuple(kept.shape)[1:]} per row, "
+                                           f"but the teacher gives {tuple(now.shape)[1:]}")
+            bad = ~torch.isclose(kept, now, rtol=tolerance, atol=tolerance)  # NaN against a number: a mismatch
+            gap = (kept - now).abs()  # NaN where both are the same infinity (isclose: equal) or one is NaN
+            difference = torch.where(bad, gap.nan_to_num(float("inf")), gap.nan_to_num(0.0))
+            bad_rows = bad.reshape(len(index), -1).any(dim=1)
+            if bool(bad_rows.any()):
+                shown = ", ".join(str(int(i)) for i in index[bad_rows][:5])
+                raise OutputsMismatchError(
+                    f"{int(bad_rows.sum())} of {len(index)} rows of the '{split}' split checked against the teacher "
+                    f"differ from what it computes ({name}, rows {shown}{' ...' if int(bad_rows.sum()) > 5 else ''}; "
+                    f"largest difference {float(difference.max()):.3g}, tolerance "
+                    f"{tolerance:g}): the file was edited after it was written (its checksums rewritten to match) "
+                    "or computed by another teacher")
+            worst = max(worst, float(difference.max()) if difference.numel() else 0.0)
+        checked += len(index)
+    store.verification = {"rows": checked, "seed": seed, "max_abs_diff": worst, "tolerance": tolerance,
+                          "seconds": round(time.perf_counter() - started, 4)}
+    return store.verification
+
+
 # -- the shared cache ---------------------------------------------------------------
 def cache_key(identity: Mapping[str, Any]) -> str:
     """Cache entry name: a hash of the identity (teacher hash, data fingerprint, transform, layers)."""
@@ -269,30 +346,47 @@ def cache_key(identity: Mapping[str, Any]) -> str:
     payload["version"] = VERSION
     payload["torch"] = torch.__version__  # another build may round the teacher's forward differently
     payload["num_threads"] = identity.get("num_threads")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]  # 4 and 4.0: one entry
 
 
-def cached_store(cache_dir: Path, identity: Mapping[str, Any],
-                 compute: Callable[[], TeacherOutputStore]) -> tuple[TeacherOutputStore, str]:
+def cached_store(cache_dir: Path, identity: Mapping[str, Any], compute: Callable[[], TeacherOutputStore],
+                 verify: Callable[[TeacherOutputStore], Any] | None = None) -> tuple[TeacherOutputStore, str]:
     """The cached store for ``identity``, computed now by exactly one process if missing or damaged.
 
-    Returns the store and what happened: ``"read"`` or ``"computed"``. A file that fails
-    its checks is moved aside (kept for inspection, never used) and computed again.
+    Returns the store and what happened: ``"read"`` or ``"computed"``. ``verify`` checks a file
+    that was read against the teacher (:func:`verify_against_teacher`). A file that fails its
+    checks, checksums or teacher, is moved aside (kept for inspection, never used) and computed
+    again: the outputs this run needs are the teacher's, and it is at hand to compute them.
     """
     folder = cache_dir / cache_key(identity)
     path = folder / CACHE_FILE
+
+    def read() -> TeacherOutputStore:
+        store = _checked(read_store(path, "cached teacher outputs"), identity, path)
+        if verify is not None:
+            try:
+                verify(store)
+            except OutputsMismatchError as err:
+                raise OutputsMismatchError(f"cached teacher outputs {path}: {err}.") from None
+        return store
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / ".lock"))
         lock.acquire()
     except OSError as err:
-        if path.is_file():  # a read-only shared cache still serves what it holds
-            return _checked(read_store(path, "cached teacher outputs"), identity, path), "read"
+        if path.is_file():  # a read-only shared cache still serves what it holds, once it passes its checks
+            try:
+                return read(), "read"
+            except DamagedOutputsError as damaged:
+                raise DamagedOutputsError(f"{damaged} This cache folder is not writable, so it cannot be computed "
+                                          f"again here: delete {folder} (its owner can), or point KDEXP_CACHE_DIR "
+                                          "at a writable cache.") from None
         raise storage_error(err, folder, "teacher-output cache folder") from err
     try:  # one writer; the others wait here, then read
         if path.is_file():
             try:
-                return _checked(read_store(path, "cached teacher outputs"), identity, path), "read"
+                return read(), "read"
             except DamagedOutputsError as err:
                 aside = path.with_name(f"damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.pt")
                 os.replace(path, aside)

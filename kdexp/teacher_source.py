@@ -6,10 +6,12 @@ file to serve a run (teacher weights, data, tapped layers, members, dtype, top-k
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from torch import Tensor
 
 from kdexp.chain import lineage_entry
 from kdexp.config import choice, to_plain
@@ -17,7 +19,8 @@ from kdexp.data.base import InMemoryDataModule
 from kdexp.errors import CheckpointError, ConfigError
 from kdexp.objectives.base import DistillationObjective
 from kdexp.teacher import Teacher
-from kdexp.teacher_outputs import TeacherOutputStore, cached_store, compute_store, identity_mismatch, read_store
+from kdexp.teacher_outputs import (OutputsMismatchError, TeacherOutputStore, cached_store, compute_store,
+                                  identity_mismatch, read_store, verify_against_teacher)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,38 @@ def teacher_of_predictions(cfg: DictConfig, store: TeacherOutputStore) -> Teache
     """The teacher as a predictions file states it, never loaded (``teacher.load=false``: a teacher too
     large to hold beside the student). Its hash and test accuracy are the file's, not re-measured."""
     stated = store.manifest.get("teacher") or {}
+    _refuse_other_model(cfg, stated.get("model"), str(store.path))
     teacher = Teacher(None, str(store.manifest.get("teacher_hash")), float(stated.get("test_acc") or 0.0),
                       "predictions", str(store.path))
     teacher.lineage = [lineage_entry(0, choice(cfg, "teacher"), (stated.get("model") or {}).get("width"),
                                      "predictions", teacher.weights_hash, teacher.test_acc, teacher.path)]
     return teacher
+
+
+# Where a model's weights are read from, not what the model is: a copy elsewhere is the same teacher
+# (its weights hash, in the file, says which weights they were).
+_MODEL_KEYS_NOT_IDENTITY = {"pretrained", "revision"}
+
+
+def _refuse_other_model(cfg: DictConfig, stated: Any, path: str) -> None:
+    """With ``teacher.load=false`` the record names the teacher from ``teacher=``; the file must agree.
+
+    The file states the model config of the teacher that wrote it; a run whose ``teacher=`` (or
+    ``teacher.model.*``) says another architecture would record a teacher it never read."""
+    mine = to_plain(cfg.teacher.model)
+    if not isinstance(stated, dict):
+        raise ConfigError(f"teacher.predictions={path} does not state its teacher's model, so with teacher.load=false "
+                          "this run cannot say which teacher it distils from. Write the file again with `kdexp "
+                          "predict`, or set teacher.load=true (the teacher is then loaded and its hash checked).")
+    keys = sorted((stated.keys() & mine.keys()) - _MODEL_KEYS_NOT_IDENTITY)
+    differ = [f"{k}: file {stated[k]!r}, this run {mine[k]!r}" for k in keys if stated[k] != mine[k]]
+    if differ:
+        raise ConfigError(
+            f"teacher.predictions={path} was written by another teacher than teacher={choice(cfg, 'teacher')} "
+            f"describes ({'; '.join(differ)}). With teacher.load=false the teacher is never loaded, so the record "
+            "would name the wrong one: set teacher=... and teacher.model.* to the teacher that wrote the file, or "
+            "use the file written for this teacher."
+        )
 
 
 def _refuse_other_origin(store: TeacherOutputStore, expected: dict[str, Any], path: str) -> None:
@@ -116,7 +146,18 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
     if predictions is not None:  # full or top-k: the file says which, the run reads either
         _refuse_other_origin(predictions, {k: v for k, v in identity.items() if k != "topk"},
                              str(cfg.teacher.predictions))
-        return predictions, {"source": "predictions", "path": str(predictions.path)}
+        note = {"source": "predictions", "path": str(predictions.path)}
+        if teacher.model is None:  # teacher.load=false: nothing to recompute rows with
+            return predictions, {**note, "verified": False,
+                                 "unverified_because": "teacher.load=false: the teacher was never loaded, so the "
+                                                       "file's outputs are taken as written"}
+        try:
+            verified = verify_against_teacher(predictions, teacher.model, inputs_of(datamodule))
+        except OutputsMismatchError as err:
+            raise CheckpointError(f"teacher.predictions={cfg.teacher.predictions}: {err}. Write it again with "
+                                  "`kdexp predict` and this run's teacher/data/kd overrides, or drop "
+                                  "teacher.predictions to run the teacher.") from None
+        return predictions, {**note, "verified": verified}
     if mode is False or mode == "false":
         return None, {"source": "online", "reason": "kd.cache_teacher=false"}
     megabytes = outputs_megabytes(datamodule, int(cfg.data.num_classes), cfg.kd.get("cache_topk"))
@@ -135,6 +176,15 @@ def get_teacher_outputs(cfg: DictConfig, datamodule: InMemoryDataModule, teacher
         log.debug("Computing the teacher's outputs on every split once (shared by all runs of this teacher and data)")
         return compute_store(teacher.model, datamodule.eval_batches, identity)
 
-    store, what = cached_store(Path(cfg.paths.cache_dir) / "teacher_outputs", identity, compute)
+    def verify(store: TeacherOutputStore) -> None:  # rows of a file read, recomputed: it may have been edited
+        verify_against_teacher(store, teacher.model, inputs_of(datamodule))
+
+    store, what = cached_store(Path(cfg.paths.cache_dir) / "teacher_outputs", identity, compute, verify)
     return store, {"source": "cache", "path": str(store.path), "computed": what == "computed",
+                   **({"verified": store.verification} if store.verification else {}),
                    **({"topk": identity["topk"]} if identity.get("topk") else {})}
+
+
+def inputs_of(datamodule: InMemoryDataModule) -> Callable[[str, Tensor], Tensor]:
+    """Samples ``index`` of a split as the teacher reads them (as :meth:`eval_batches` gives them)."""
+    return lambda split, index: datamodule.batch_transform(datamodule.splits[split].x[index])

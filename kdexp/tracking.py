@@ -12,6 +12,7 @@ import netrc
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
+WANDB_RUN_RELEASE_WAIT_S = 120  # how long a resumed run waits for a killed process's W&B service to let go
 WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run goes offline (W&B's default: 90)
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
@@ -157,14 +159,36 @@ def wandb_logger(
         return logger
 
     if resolved != "online":
-        return make(resolved)
+        return started_when_free(make, resolved, run_id)
     try:
-        return make("online")
+        return started_when_free(make, "online", run_id)
     except Exception as err:  # a rejected key, a server error, a timeout: never the end of the run
         log.warning("W&B could not start an online run (%s: %s): logging this run offline instead; upload it "
                     "later with `wandb sync`.", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         finish_wandb(exit_code=1)
         return make("offline")
+
+
+def started_when_free(make: Any, mode: str, run_id: str | None) -> Any:
+    """``make(mode)``, waiting while a killed earlier process of this run still holds its W&B run.
+
+    A run killed with SIGKILL leaves its ``wandb-core`` service behind; it keeps the run's files
+    open until it notices its parent is gone (seconds, longer on a loaded machine), and meanwhile
+    W&B refuses the resumed run with "run ID ... is in use".
+    """
+    deadline = time.monotonic() + WANDB_RUN_RELEASE_WAIT_S
+    announced = False
+    while True:
+        try:
+            return make(mode)
+        except Exception as err:
+            if not run_id or "is in use" not in str(err) or time.monotonic() > deadline:
+                raise
+            finish_wandb(exit_code=1)
+            if not announced:
+                log.info("Waiting for the killed earlier process of this run to release W&B run %s ...", run_id)
+                announced = True
+            time.sleep(1.0)
 
 
 class WandbRun:

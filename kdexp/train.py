@@ -139,9 +139,10 @@ def run(cfg: DictConfig) -> dict:
             record_rejected_config(output_dir, cfg, err)
             raise
         claim = claim_run_folder(output_dir, to_plain(cfg), str(cfg.if_finished), bool(cfg.resume))
-    if claim.action == "skip":
-        log.info("Skipping %s: it already holds a finished run.", output_dir)
-        return claim.previous
+        if claim.action == "skip":  # said while the log file is held back: a finished folder is never written
+            claim.release()
+            log.info("Skipping %s: it already holds a finished run.", output_dir)
+            return claim.previous
     try:
         write_hydra_files(output_dir, task_cfg)
         resumes = claim.previous if claim.action == "resume" else None

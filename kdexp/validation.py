@@ -37,6 +37,7 @@ class Range:
     high_open: bool = False
     nullable: bool = False
     example: str = ""
+    why: str = ""  # why the bounds are where they are, when that is not obvious
 
     def describe(self) -> str:
         kind = "an integer" if self.kind is int else "a number"
@@ -49,7 +50,7 @@ class Range:
         else:
             span = ""
         text = f"{kind} {span}".strip() + (" or null" if self.nullable else "")
-        return text + (f" (e.g. {self.example})" if self.example else "")
+        return text + (f" (e.g. {self.example})" if self.example else "") + (f"; {self.why}" if self.why else "")
 
     def check(self, value: Any) -> str | None:
         """None when ``value`` is valid, else what is wrong with it."""
@@ -69,6 +70,15 @@ class Range:
 
 
 MAX_SEED = 2**32 - 1  # what numpy and Lightning's seed_everything accept
+# The soft-target temperature T. With the T² convention the KD gradient on the student's logits is
+# T · (softmax(s/T) − softmax(t/T)): below T = 0.05 the term carries under 5 % of its T = 1 weight, and
+# a teacher logit gap of 0.5 already leaves the runner-up e^-10 of the top class's probability, so
+# softmax(t/T) is the teacher's one-hot argmax and KD silently stops being KD (T = 1e-30 scales it to
+# exactly 0). Above T = 100, softmax(z/T) ≈ (1 + z/T)/C for logits of ordinary size (|z| ≲ 10):
+# Hinton's high-T limit (matching mean-centred logits) is reached, and a larger T only pushes the
+# differences the loss is built from towards float32 rounding. Published settings lie in [1, 20]
+# (Hinton et al. 2015; CRD and DKD use 4; MNIST-1D here 8); CTKD's learnt temperatures stay in [1, 21].
+TEMPERATURE_RANGE = (0.05, 100.0)
 
 RANGES: tuple[Range, ...] = (
     Range("seed", int, 0, MAX_SEED, example="seed=1"),
@@ -90,7 +100,10 @@ RANGES: tuple[Range, ...] = (
     Range("teacher.max_epochs", int, 0, example="teacher.max_epochs=160"),
     Range("teacher.seed", int, 0, MAX_SEED),
     Range("teacher.optimizer.lr", float, 0, low_open=True),
-    Range("kd.temperature", float, 0, low_open=True, example="kd.temperature=4"),
+    Range("kd.temperature", float, *TEMPERATURE_RANGE, example="kd.temperature=4",
+          why="below 0.05 the soft targets are the teacher's one-hot argmax and the T²-scaled KD term "
+              "vanishes; above 100 KD is already its high-T limit (logit matching) and only loses float32 "
+              "precision; published settings lie in [1, 20]"),
     Range("kd.alpha", float, 0, 1, example="kd.alpha=0.9"),
     Range("kd.label_smoothing", float, 0, 1, high_open=True),
     Range("kd.cache_topk", int, 1, nullable=True, example="kd.cache_topk=8"),
@@ -250,12 +263,37 @@ def _check_transfer_set(cfg: DictConfig, objective: Any) -> None:
         return
     if int(cfg.data.get("transfer_size") or 0) < 1:
         raise ConfigError(f"data.transfer_set={cfg.data.transfer_set} needs data.transfer_size >= 1 (e.g. 20000).")
+    _check_transfer_memory(cfg)
     if not getattr(objective, "needs_teacher", True):
         raise ConfigError("data.transfer_set adds unlabelled inputs, whose only signal is the teacher; kd="
                           f"{_choice(cfg, 'kd')} uses no teacher. Drop the transfer set for the CE-only baseline.")
     if not getattr(objective, "handles_unlabelled", False):
         raise ConfigError(f"kd={_choice(cfg, 'kd')} ({type(objective).__name__}) does not declare how it treats "
                           "unlabelled transfer inputs (handles_unlabelled); use kd=hinton with data.transfer_set.")
+
+
+def _check_transfer_memory(cfg: DictConfig) -> None:
+    """A transfer set is generated in memory, in one piece: one that cannot fit is refused before
+    anything runs, rather than failing (or swapping) after hours of generation."""
+    from hydra.utils import get_object
+
+    from kdexp.data.base import available_memory_bytes, gigabytes
+
+    try:
+        data_class = get_object(str(cfg.data._target_))
+    except Exception:  # an unimportable data target is reported, with its cause, when the data is built
+        return
+    size, shape = int(cfg.data.transfer_size), [int(d) for d in cfg.data.input_shape]
+    needed = getattr(data_class, "transfer_set_bytes", lambda *_: None)(size, shape)
+    available = available_memory_bytes()
+    if needed is None or available is None or needed <= available:
+        return
+    per_input = needed / size
+    raise ConfigError(
+        f"data.transfer_size={size} would need about {gigabytes(needed)} of memory to generate "
+        f"({per_input / 1e3:.1f} KB per input of shape {shape}, measured), and {gigabytes(available)} is available "
+        f"here. Choose data.transfer_size={int(available // per_input // 1000 * 1000)} or less, or run on a "
+        "machine with more memory.")
 
 
 def _check_chain(cfg: DictConfig, objective: Any) -> None:
@@ -325,6 +363,11 @@ def _check_schedules(cfg: DictConfig, objective: Any) -> None:
         rule = RANGE_BY_KEY.get(f"kd.{name}")
         if rule is None:
             continue
+        for key in ("start", "end", "value"):  # named first: an end the run never reaches is still a typo
+            value = node.get(key)
+            if isinstance(value, (int, float)) and rule.check(value):
+                raise ConfigError(f"schedule.{name}.{key}={value!r} {rule.check(value)}: like kd.{name}, it must "
+                                  f"be {rule.describe()}.")
         for epoch, value in enumerate(schedule.values(max_epochs)):
             if rule.check(value):
                 raise ConfigError(f"schedule.{name} gives {value:g} at epoch {epoch}, but kd.{name} must be "

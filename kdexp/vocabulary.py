@@ -28,7 +28,16 @@ METRIC_TITLES = {
     VAL_ACC: "validation accuracy at the last epoch",
     "test/agreement": "test agreement with the teacher (same argmax)",
     "test/ece": "test expected calibration error",
+    "test/nll": "test negative log-likelihood (nats per token) at the best-val checkpoint",
+    "test/bpb": "test bits per byte (per token) at the best-val checkpoint",
+    "test/ppl": "test perplexity at the best-val checkpoint",
 }
+
+
+def teacher_metric(metric: str) -> str:
+    """The name a student's record gives its teacher's figure for ``metric``: ``test/bpb`` →
+    ``teacher/test_bpb`` (``teacher/test_acc`` for ``test/acc``)."""
+    return "teacher/" + metric.replace("/", "_")
 
 # Where a run folder keeps earlier runs it replaced (never deleted; never in a report).
 ARCHIVE_DIR = "archive"
@@ -70,12 +79,38 @@ def is_bookkeeping(key: str) -> bool:
 def run_identity(config: Mapping[str, Any]) -> dict[str, str]:
     """What makes two runs the same computation: the flattened config minus bookkeeping.
 
-    Values are compared by their JSON text with ints and floats unified, so a config
-    read back from a record equals the live one (``8`` == ``8.0``).
+    Values are compared by their :func:`canonical_json` text, so a config read back from
+    a record equals the live one (``8`` == ``8.0``).
     """
-    def canonical(value: Any) -> str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-        return json.dumps(value, sort_keys=True, default=str)
+    return {k: canonical_json(v, k.rsplit(".", 1)[-1]) for k, v in flatten_config(config).items()
+            if not is_bookkeeping(k)}
 
-    return {k: canonical(v) for k, v in flatten_config(config).items() if not is_bookkeeping(k)}
+
+# -- one spelling per setting -------------------------------------------------------------
+# Lightning settings whose int counts batches and whose float is a fraction of them
+# (limit_train_batches=1 is one batch, 1.0 is all of them): their int and float differ.
+COUNT_OR_FRACTION_KEYS = frozenset({"limit_train_batches", "limit_val_batches", "limit_test_batches",
+                                    "limit_predict_batches", "val_check_interval", "overfit_batches"})
+
+
+def canonical(value: Any, key: str = "") -> Any:
+    """``value`` with equal settings written differently made equal, for cache keys and comparisons.
+
+    A float equal to a whole number becomes that int (``4.0`` → ``4``): ``kd.temperature=4`` typed on a
+    command line or in a sweep file is the YAML default ``4.0``. Tuples become lists and mapping keys
+    strings (:func:`canonical_json` sorts them). Kept apart on purpose: a bool from an int (``true`` is
+    not ``1``: kdexp tests flags with ``is True``, e.g. ``kd.cache_teacher``), a string from a number,
+    and the int and float of a :data:`COUNT_OR_FRACTION_KEYS` setting (``key`` names the setting).
+    """
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v, key) for v in value]
+    if isinstance(value, float) and value.is_integer() and key not in COUNT_OR_FRACTION_KEYS:
+        return int(value)  # exact: is_integer() means no fraction to lose
+    return value
+
+
+def canonical_json(value: Any, key: str = "") -> str:
+    """The JSON text of :func:`canonical` ``value``, keys sorted: what config hashes are taken of."""
+    return json.dumps(canonical(value, key), sort_keys=True, default=str)

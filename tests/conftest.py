@@ -86,3 +86,13 @@ DIGITS_FAST = [
     "teacher.max_epochs=3",
     "trainer.max_epochs=3",
 ]
+
+
+def path_with_fake_srun(folder: Path) -> str:
+    """``$PATH`` with an executable ``srun`` first, as on a SLURM login node (Lightning then hints that
+    srun is not used): consoles are checked the same whatever the machine has installed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    srun = folder / "srun"
+    srun.write_text("#!/bin/sh\necho 'fake srun of the kdexp tests' >&2\nexit 1\n")
+    srun.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -17,9 +17,19 @@ FAST = ["experiment=digits_smoke", "logger=none", "teacher.max_epochs=1", "train
 
 # (overrides, expected fragment of the message). Each runs on top of FAST unless it names its own data.
 CASES: list[tuple[list[str], str]] = [
-    (["kd.temperature=abc"], "kd.temperature='abc' is a str, not a number: it must be a number > 0"),
-    (["kd.temperature=0"], "kd.temperature=0 is out of range: it must be a number > 0"),
+    (["kd.temperature=abc"], "kd.temperature='abc' is a str, not a number: it must be a number in [0.05, 100]"),
+    (["kd.temperature=0"], "kd.temperature=0 is out of range: it must be a number in [0.05, 100]"),
     (["kd.temperature=-1"], "kd.temperature=-1 is out of range"),
+    # a T that would silently turn KD off (T² · KL underflows to 0), and one past the high-T limit
+    (["kd.temperature=1e-30"], "kd.temperature=1e-30 is out of range: it must be a number in [0.05, 100] "
+                               "(e.g. kd.temperature=4); below 0.05 the soft targets are the teacher's one-hot"),
+    (["kd.temperature=1000"], "kd.temperature=1000 is out of range"),
+    (["schedule=temperature_cosine", "schedule.temperature.end=1e-30"],
+     "schedule.temperature.end=1e-30 is out of range: like kd.temperature, it must be a number in [0.05, 100]"),
+    # a transfer set that cannot fit in memory: refused up front with the estimate and the size that fits
+    (["data=mnist1d", "teacher=cnn1d", "student=mlp", "data.transfer_set=generated",
+      "data.transfer_size=1000000000000"], "data.transfer_size=1000000000000 would need about 2240.0 TB of memory "
+                                           "to generate (2.2 KB per input of shape [40], measured)"),
     (["kd.alpha=1.5"], "kd.alpha=1.5 is out of range: it must be a number in [0, 1]"),
     (["kd.alpha=-0.1"], "kd.alpha=-0.1 is out of range"),
     (["student.width=2.5"], "student.width=2.5 is not a whole number: it must be an integer >= 1"),
@@ -98,3 +108,44 @@ def test_bad_input_is_explained_with_exit_code_2(results, i):
 def test_config_errors_are_caught_before_any_teacher_is_trained(results):
     base, _ = results
     assert not (base / "cache" / "teachers").exists() or not any((base / "cache" / "teachers").rglob("teacher.pt"))
+
+
+def test_top_k_teacher_outputs_on_a_classifier_are_said_to_be_an_approximation(tmp_path):
+    """kd.cache_topk changes a classifier's soft targets: the run warns at its start and its record says so."""
+    from conftest import load_record, run_cli
+
+    folder = tmp_path / "topk"
+    proc = run_cli(["experiment=digits_smoke", "logger=none", "teacher.max_epochs=3", "trainer.max_epochs=1",
+                    "kd.cache_topk=3", f"hydra.run.dir={folder}"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: kd.cache_topk=3 on a 10-class classifier: the soft targets are an approximation" in proc.stderr
+    assert "Top-k is meant for language models" in proc.stderr
+    record = load_record(folder)
+    assert record["teacher_outputs"]["topk"] == 3
+    assert record["teacher_outputs"]["approximation"] == ("the teacher's 3 largest of 10 logits per input; the other "
+                                                          "7 share the remaining probability evenly")
+
+
+class _RunsCode:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_plugin_loading_a_pickle_that_runs_code_never_passes_on_torchs_unsafe_advice(tmp_path):
+    """A user's model (any ``_target_``) that reads a file with ``torch.load``: torch's refusal
+    advises ``weights_only=False``; kdexp says the file would run code and was not loaded."""
+    import torch
+
+    from kdexp.config import instantiate
+    from kdexp.errors import CheckpointError
+
+    marker = tmp_path / "code-ran"
+    torch.save({"w": _RunsCode(marker)}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError) as refused:
+        instantiate({"_target_": "torch.load", "f": str(tmp_path / "weights.pt"), "weights_only": True},
+                    what="student")
+    assert "loading it would run code" in str(refused.value) and "weights_only=False" not in str(refused.value)
+    assert not marker.exists()

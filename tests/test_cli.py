@@ -85,7 +85,7 @@ def test_a_finished_folder_is_never_overwritten(runs):
 def test_invalid_temperature_fails_clearly_and_is_recorded(tmp_path):
     proc = run_cli([*DIGITS_FAST, "kd.temperature=0", f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path / "cache")
     assert proc.returncode == 2
-    assert "kd.temperature=0 is out of range: it must be a number > 0" in proc.stderr
+    assert "kd.temperature=0 is out of range: it must be a number in [0.05, 100]" in proc.stderr
     assert "Traceback" not in proc.stderr
     record = load_record(tmp_path / "bad")
     assert record["status"] == "failed" and record["error"]["type"] == "ConfigError"
@@ -132,3 +132,25 @@ def test_help_and_composed_config_through_both_entry_points():
                          capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stderr
     assert "temperature: 8" in job.stdout and "width: 512" in job.stdout
+
+
+@pytest.mark.parametrize("module, args", [("kdexp.cli", ["--help"]), ("kdexp.cli", ["train", "--help"]),
+                                          ("kdexp.train", ["--help"]), ("kdexp.cli", ["report", "SWEEP"]),
+                                          ("kdexp.report", ["SWEEP"])])
+def test_a_reader_that_has_gone_ends_the_command_quietly(module, args, tmp_path):
+    """`kdexp ... | head`: once head has exited, the command's stdout is a pipe with no reader.
+    It ends as a program that SIGPIPE stopped does (status 141), without a BrokenPipeError traceback."""
+    if "SWEEP" in args:
+        from test_report import write_grid
+
+        write_grid(tmp_path / "sweep")
+        args = [str(tmp_path / "sweep") if a == "SWEEP" else a for a in args]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written: no race with the writer
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

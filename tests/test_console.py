@@ -8,13 +8,16 @@ import warnings
 
 import pytest
 
-from conftest import DIGITS_FAST, load_record, run_cli
-from kdexp.console import LEAFSPEC_WARNING, ConsoleFormatter, configure_console, wandb_settings
+from conftest import DIGITS_FAST, load_record, path_with_fake_srun, run_cli
+from kdexp.console import LEAFSPEC_WARNING, ConsoleFormatter, LauncherLineFilter, configure_console, wandb_settings
 
 # What Lightning and W&B print by themselves; none of it belongs on a default console.
 LIBRARY_NOISE = ("wandb: Run history", "Tracking run with wandb", "syncing is set to `offline`", "wandb:",
                  "GPU available", "TPU available", "litlogger", "LeafSpec", "Trainer.fit` stopped",
-                 "Restoring states", "Loaded model weights")
+                 "Restoring states", "Loaded model weights", "`srun` command is available")
+# Lightning's words (lightning_fabric/plugins/environments/slurm.py), as on a SLURM login node.
+SRUN_HINT = ("The `srun` command is available on your system but is not used. HINT: If your intention is to run "
+             "Lightning on SLURM, prepend your python command with `srun` like so: srun python ...")
 KDEXP_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")  # kdexp's (and Hydra's) console format
 
 
@@ -22,14 +25,16 @@ KDEXP_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")  # kdexp's (and Hydra's) console
 def runs(tmp_path_factory):
     """A default run that trains its tiny teacher, then a verbose run that reuses it.
 
-    W&B's own switch is unset, as on a researcher's machine (the other CLI tests set WANDB_SILENT).
+    W&B's own switch is unset, as on a researcher's machine (the other CLI tests set WANDB_SILENT);
+    ``srun`` is on PATH, as on a SLURM login node.
     """
     base = tmp_path_factory.mktemp("console")
     results = {}
     for name, extra in (("quiet", []), ("verbose", ["verbose=true"])):
         proc = run_cli([*DIGITS_FAST, "teacher.max_epochs=2", "trainer.max_epochs=2", *extra,
                         f"hydra.run.dir={base / name}"], base / "cache",
-                       extra_env={"WANDB_SILENT": None, "WANDB_QUIET": None, "WANDB_DIR": str(base)})
+                       extra_env={"WANDB_SILENT": None, "WANDB_QUIET": None, "WANDB_DIR": str(base),
+                                  "PATH": path_with_fake_srun(base / "bin")})
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = (base / name, proc.stdout + proc.stderr)
     return results
@@ -54,6 +59,7 @@ def test_default_run_prints_what_is_trained_and_the_result_only(runs):
 def test_verbose_brings_lightning_and_wandb_output_back(runs):
     _, out = runs["verbose"]
     assert "GPU available" in out and "Tracking run with wandb" in out and "wandb: Run history" in out
+    assert "`srun` command is available" in out  # the fake srun was seen: the quiet run's check means something
     assert "record:" in out
 
 
@@ -91,6 +97,8 @@ def restore_console():
 
 
 def test_configure_console_switches_lightning_and_the_leafspec_warning(restore_console):
+    from lightning_fabric.utilities.warnings import PossibleUserWarning
+
     message = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
     assert re.match(LEAFSPEC_WARNING, message)
     for verbose in (False, True, False):  # idempotent, both ways (a multirun's jobs share a process)
@@ -99,7 +107,17 @@ def test_configure_console_switches_lightning_and_the_leafspec_warning(restore_c
         assert logging.getLogger("kdexp.teacher").isEnabledFor(logging.DEBUG) is verbose
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn(message, FutureWarning)
-        assert len(caught) == int(verbose)
+            warnings.warn(SRUN_HINT, PossibleUserWarning)
+        assert len(caught) == 2 * int(verbose)
+
+
+def test_the_joblib_settings_line_shows_only_when_verbose():
+    line = logging.LogRecord("hydra_plugins.hydra_joblib_launcher._core", logging.INFO, __file__, 1,
+                             "Joblib.Parallel(%s) is launching %d jobs", ("n_jobs=2,backend=loky", 2), None)
+    sweep_line = logging.LogRecord("hydra_plugins.hydra_joblib_launcher._core", logging.INFO, __file__, 1,
+                                   "Launching jobs, sweep output dir : %s", ("sd",), None)
+    assert not LauncherLineFilter(verbose=False).filter(line) and LauncherLineFilter(verbose=True).filter(line)
+    assert LauncherLineFilter(verbose=False).filter(sweep_line)  # Hydra's lines about the runs stay
 
 
 def test_console_format_is_short_and_flags_warnings():

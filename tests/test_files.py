@@ -84,7 +84,7 @@ def test_a_malicious_checkpoint_to_resume_from_is_refused_without_running(traine
     marker = tmp_path / "pwned"
     write_malicious(folder / "checkpoints" / "last.ckpt", marker)
     proc = run_cli(args, trained / "cache")
-    assert proc.returncode == 2 and "refused to load checkpoint to resume from" in proc.stderr
+    assert proc.returncode == 2 and "its checkpoint checkpoints/last.ckpt would run code" in proc.stderr
     assert not marker.exists()
 
 

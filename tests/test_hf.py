@@ -272,3 +272,32 @@ def test_a_tokenizer_mismatch_between_teacher_and_data_is_refused(reviews):
     with pytest.raises(ConfigError, match="tokenizer mismatch: the teacher .* not supported"):
         run(compose_config([*mismatched, f"paths.output_dir={root / 'mismatch'}"], root))
     assert not (root / "mismatch" / "checkpoints").exists()  # refused before anything was trained
+
+
+class RunsCode:
+    """Pickled, it asks the loader to call ``os.system(touch MARKER)``: a weights-only load refuses it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_that_would_run_code_are_refused_in_kdexp_words(tmp_path):
+    folder = save_tiny_gpt2(tmp_path / "gpt2")
+    for weights in folder.glob("*.safetensors"):  # only the pickle is left for from_pretrained to read
+        weights.unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"transformer.wte.weight": RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as direct:
+        HFModel([CONTEXT], 256, pretrained=str(folder))
+    cfg = compose_config([*SMALL_TEXT, "teacher=hf", f"teacher.model.pretrained={folder}", "logger=none"], tmp_path)
+    with pytest.raises(CheckpointError) as through_a_run:
+        run(cfg)
+    for message in (str(direct.value), str(through_a_run.value)):
+        assert f"{folder} (pytorch_model.bin): loading it would run code" in message and "was not loaded" in message
+        assert "weights_only=False" not in message and "does not fit" not in message
+    assert not marker.exists()

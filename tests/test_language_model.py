@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_config
-from kdexp.data.text import StdlibTextDataModule, split_of, stdlib_files
+from kdexp.data.text import SEPARATOR, StdlibTextDataModule, split_of, stdlib_files
 from kdexp.errors import ConfigError
 from kdexp.models.gpt import TinyGPT
 from kdexp.objectives.base import UNLABELLED
@@ -33,10 +33,39 @@ def test_files_not_windows_are_split_and_targets_are_the_next_byte():
     dm.setup()
     for split in dm.splits.values():
         assert torch.equal(split.x[:, 1:], split.y[:, :-1])  # y is x shifted by one byte
-        assert torch.equal(split.x[1:, 0], split.y[:-1, -1])  # windows continue the text
         assert int(split.x.max()) < 256
+    train = dm.splits["train"]
+    assert torch.equal(train.x[1:, 0], train.y[:-1, -1])  # training windows continue the text
+    assert len(train.x) == 4999 // 16 and len(dm.splits["val"].x) == len(dm.splits["test"].x) == 1999 // 16
     with pytest.raises(ConfigError, match="byte-level"):
         StdlibTextDataModule(num_classes=100)
+
+
+def bigram_scores(dm: StdlibTextDataModule) -> dict[str, tuple[float, float]]:
+    """(next-byte accuracy, bits per byte) on val and test of a bigram model counted on train
+    (add-one smoothed): a model-free measure of how alike the two held-out sets are."""
+    train = dm.splits["train"]
+    counts = torch.bincount((train.x * 256 + train.y).flatten(), minlength=256 * 256).view(256, 256) + 1
+    log2p = (counts / counts.sum(1, keepdim=True)).log2()
+    return {name: (float((counts.argmax(1)[split.x] == split.y).float().mean()), float(-log2p[split.x, split.y].mean()))
+            for name, split in dm.splits.items() if name != "train"}
+
+
+def test_validation_and_test_are_samples_of_the_same_text():
+    """Spread over all of their files, the held-out sets agree within the margin kdexp.data.text
+    states (2 points of accuracy, 0.1 bits per byte); from their first files they are 8 points apart."""
+    dm = StdlibTextDataModule(max_train_bytes=300_000, max_eval_bytes=100_000)  # conf/data/stdlib_text's budget
+    dm.setup()
+    scores = bigram_scores(dm)
+    (val_acc, val_bpb), (test_acc, test_bpb) = scores["val"], scores["test"]
+    assert abs(val_acc - test_acc) < 0.02 and abs(val_bpb - test_bpb) < 0.1, scores
+    assert 0.3 < test_acc < 0.45  # a bigram model's level on source code: the windows are real text
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = SEPARATOR.join(p.read_bytes() for p in stdlib_files(root)
+                          if split_of(p.relative_to(root).as_posix(), 5, 5) == "test")
+    test = dm.splits["test"]
+    assert len(test.x) == 99_999 // 128 < len(text) // 128 // 4  # a quarter of the text or less ...
+    assert bytes(test.x[0].tolist()) == text[:128] and bytes(test.y[-1].tolist()) == text[-128:]  # ... end to end
 
 
 def test_the_model_is_causal():
@@ -70,6 +99,10 @@ def test_a_byte_level_teacher_is_distilled_token_by_token(tmp_path):
     assert m["test/acc"] > m["val/acc_init"]  # it learnt something in two epochs
     assert m["test/bpb"] < 8.0  # better than a uniform guess over 256 bytes
     assert record["teacher_outputs"]["source"] == "cache"  # (N, L, V) logits small enough here
+    # The teacher's own test figures, for the reference row of a report on bpb, nll or ppl
+    assert m["teacher/test_bpb"] == pytest.approx(m["teacher/test_nll"] / math.log(2), rel=1e-5)
+    assert m["teacher/test_ppl"] == pytest.approx(math.exp(m["teacher/test_nll"]), rel=1e-4)
+    assert record["teacher"]["better_than_chance"] is True
 
 
 def test_a_class_logit_objective_is_refused_for_a_language_model(tmp_path):

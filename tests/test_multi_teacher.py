@@ -33,6 +33,26 @@ def test_multi_teacher_matches_numpy():
     assert terms["loss_ce"].item() == pytest.approx((1 - alpha) * ce, rel=1e-9)
 
 
+def test_a_batch_without_labels_gives_zero_cross_entropy_not_nan():
+    """A transfer-set batch (every target UNLABELLED): only the soft-target term, as HintonKD; the KD term is
+    the averaged-soft-target KL written in numpy above."""
+    from kdexp.objectives.base import UNLABELLED
+
+    rng = np.random.default_rng(4)
+    s, ts = rng.normal(size=(6, 5)) * 2, [rng.normal(size=(6, 5)) * 4 for _ in range(2)]
+    T, alpha = 2.0, 0.5
+    assert MultiTeacherKD.handles_unlabelled
+    student = torch.tensor(s, requires_grad=True)
+    teacher = ModelOutputs(torch.tensor(ts[0]), members=[torch.tensor(t) for t in ts])
+    terms = MultiTeacherKD(temperature=T, alpha=alpha)(ModelOutputs(student), teacher, torch.full((6,), UNLABELLED))
+    assert terms["loss_ce"].item() == 0.0
+    p_bar = np.mean([np_softmax(t / T) for t in ts], axis=0)
+    kl = (p_bar * (np.log(p_bar) - np.log(np_softmax(s / T)))).sum(axis=1).mean()
+    assert terms["loss_kd"].item() == pytest.approx(alpha * T * T * kl, rel=1e-10)
+    sum(terms.values()).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
 def test_one_teacher_is_hinton_and_the_ensemble_logits_average_probabilities():
     g = torch.Generator().manual_seed(0)
     s, t, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)

@@ -51,7 +51,7 @@ def test_schedules_that_cannot_apply_are_explained_before_training(tmp_path):
     with pytest.raises(ConfigError, match="schedule.alpha: the objective .* has no setting 'alpha'"):
         validate_config(cfg)
     cfg = compose_config(["schedule=alpha_warmup", "schedule.alpha.end=1.5"], tmp_path)
-    with pytest.raises(ConfigError, match=r"schedule.alpha gives 1.05 at epoch 14, but kd.alpha must be a number in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"schedule.alpha.end=1.5 is out of range: like kd.alpha, it must be a number in \[0, 1\]"):
         validate_config(cfg)
 
 

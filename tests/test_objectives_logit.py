@@ -125,15 +125,16 @@ def test_dkd_parts_recompose_hinton_kl(logits, T):
 
 @pytest.mark.parametrize("epoch,factor", [(0, 0.0), (10, 0.5), (20, 1.0), (40, 1.0)])
 def test_dkd_warmup_scales_only_the_kd_part(logits, epoch, factor):
+    """mdistiller's min(epoch / warmup, 1) on the KD part only, against the numpy reference."""
     s, t, y = logits
-    full = run(DKD(warmup_epochs=0), s, t, y)
     objective = DKD(warmup_epochs=20)
     assert objective.epoch == 0
     objective.epoch = epoch  # what the training loop does at the start of each epoch
     ramped = run(objective, s, t, y)
-    assert ramped["loss_ce"].item() == pytest.approx(full["loss_ce"].item(), rel=REL)
-    for key in ("loss_tckd", "loss_nckd"):
-        assert ramped[key].item() == pytest.approx(factor * full[key].item(), rel=REL, abs=1e-15)
+    ce, tckd, nckd = np_dkd(s, t, y, 1.0, 1.0, 8.0, 4.0, ramp=factor)
+    assert ramped["loss_ce"].item() == pytest.approx(ce, rel=REL)
+    assert ramped["loss_tckd"].item() == pytest.approx(tckd, rel=REL, abs=1e-15)
+    assert ramped["loss_nckd"].item() == pytest.approx(nckd, rel=REL, abs=1e-15)
 
 
 def test_dkd_is_zero_for_a_student_equal_to_the_teacher(logits):
@@ -198,13 +199,14 @@ def test_dist_ignores_a_per_sample_logit_shift(logits):
 
 
 def test_dist_terms_stay_within_their_bounds(logits):
-    """1 − ρ lies in [0, 2]; an anti-correlated student approaches the top."""
+    """1 − ρ lies in [0, 2] (unit weights); an anti-correlated student approaches the top."""
     s, t, y = logits
+    unit = DIST(beta=1.0, gamma=1.0, temperature=1.0)
     for student in (s, -t):
-        terms = run(DIST(temperature=1.0), student, t, y)
+        terms = run(unit, student, t, y)
         for key in ("loss_inter", "loss_intra"):
             assert 0.0 <= terms[key].item() <= 2.0
-    assert run(DIST(), -t, t, y)["loss_inter"].item() > 1.0
+    assert run(unit, -t, t, y)["loss_inter"].item() > 1.0
 
 
 # -- hinge --------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_objectives_that_need_a_teacher_say_so(logits, cls):
 
 @pytest.mark.parametrize("option,cls,name,label,knobs", [
     ("dkd", DKD, "dkd", "dkd-beta8-T4", {"kd.beta": 8.0, "kd.temperature": 4.0}),
-    ("dist", DIST, "dist", "dist-beta1-gamma1-T1", {"kd.beta": 1.0, "kd.gamma": 1.0, "kd.temperature": 1.0}),
+    ("dist", DIST, "dist", "dist-beta2-gamma2-T1", {"kd.beta": 2.0, "kd.gamma": 2.0, "kd.temperature": 1.0}),
     ("svm", HingeKD, "hinge_kd", "hinge_kd-a0.5-T4", {"kd.alpha": 0.5, "kd.temperature": 4.0}),
     ("svm_none", MulticlassHinge, "hinge", "hinge", {}),
 ])
@@ -332,6 +334,16 @@ def test_kd_configs_compose_and_run(tmp_path, logits, option, cls, name, label, 
     s, t, y = logits
     terms = run(objective, s, t if objective.needs_teacher else None, y)
     assert torch.isfinite(total_loss(terms))
+
+
+def test_dist_config_weights_dist_twice_against_ce_as_the_official_code(tmp_path, logits):
+    """The official code trains with CE · 1 + DIST(beta=1, gamma=1) · 2: the YAML and the class defaults
+    must both give that, checked against the numpy reference with the official weights."""
+    s, t, y = logits
+    for objective in (instantiate(objective_node(compose_config(["kd=dist"], tmp_path))), DIST()):
+        terms = run(objective, s, t, y)
+        ce, inter, intra = np_dist(s, t, y, ce_weight=1.0, beta=1.0, gamma=1.0, tau=1.0)
+        assert total_loss(terms).item() == pytest.approx(ce + 2.0 * (inter + intra), rel=REL)
 
 
 def test_dkd_config_holds_the_papers_cifar_settings(tmp_path):

@@ -111,13 +111,23 @@ def test_a_packed_students_wandb_run_is_the_one_its_single_run_logs(alone_and_pa
 
 
 def test_a_member_whose_loss_goes_nan_fails_its_own_record_and_the_others_finish_as_alone(alone_and_packed):
+    """Validation refuses a temperature that would make the loss NaN (kd.temperature >= 0.05), so the middle
+    member gets one after its folder is claimed: a loss that goes non-finite inside a pack."""
+    from kdexp.packed_runs import claim_members, train_members
+
     base, alone, _ = alone_and_packed
-    points = [SETTINGS[0], ["seed=1", "kd.temperature=1e-40", "kd.alpha=0.9"], SETTINGS[2]]
+    points = [SETTINGS[0], ["seed=1", "kd.temperature=3", "kd.alpha=0.9"], SETTINGS[2]]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("KDEXP_CACHE_DIR", str(base / "cache"))
         env.chdir(base)
-        statuses = run_pack(job_configs(base / "nan", [[*BASE, *point] for point in points]))
-    records = [load_record(folder) for folder in statuses]
+        members = claim_members(job_configs(base / "nan", [[*BASE, *point] for point in points]), "skip")
+        members[1].cfg.kd.temperature = 1e-40  # float32: t / T overflows, softmax(t / T) is NaN at the first step
+        try:
+            train_members(members)
+        finally:
+            for member in members:
+                member.claim.release()
+    records = [load_record(member.job.output_dir) for member in members]
     assert [r["status"] for r in records] == ["finished", "failed", "finished"]
     assert records[1]["error"]["type"] == "NonFiniteLossError"
     assert "training loss became nan at global step 0 (epoch 0, batch 0)" in records[1]["error"]["message"]
@@ -370,3 +380,46 @@ def test_a_pack_trains_and_writes_its_runs_without_importing_lightning(alone_and
     for folder in tmp_path.glob("seed=*"):
         record = load_record(folder)
         assert record["wandb"]["mode"] == "offline" and (folder / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_packed_sweep_counts_the_runs_it_was_refused_as_refused(tmp_path):
+    """Two sweeps into one --dir: a folder the other one holds is refused here, and the summary says so,
+    whether that run is still going (exit 1) or the other sweep has finished it (no run of this sweep's)."""
+    import json
+
+    from filelock import FileLock
+
+    from kdexp.run_folder import LOCK_NAME
+    from kdexp.sweep import grid, load_sweep, summarize
+
+    sweep = tmp_path / "two.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "two", "method": "grid", "parameters": {
+        "experiment": {"value": "digits_smoke"}, "kd.temperature": {"values": [2, 4]}, "seed": {"values": [1, 2]},
+        "student.width": {"value": 16}, "trainer.max_epochs": {"value": 1}, "teacher.max_epochs": {"value": 2},
+        "logger": {"value": "none"}}}))
+    points = grid(load_sweep(sweep))
+    held = points[3]  # the other sweep's run of kd.temperature=4 seed=2, still training: it holds the lock
+    folder = tmp_path / "out" / ",".join(item for item in held if not item.startswith("logger="))
+    folder.mkdir(parents=True)
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+    lock.acquire()
+    try:
+        (folder / "run_record.json").write_text(json.dumps({"status": "running", "overrides": list(held),
+                                                            "sweep_id": "the-other-sweep"}))
+        before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+        proc = run_cli(["sweep", str(sweep), "--pack", "4", "--dir", str(tmp_path / "out")], tmp_path / "cache",
+                       module="kdexp.cli")
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == before  # untouched
+        # the other sweep finishes its run
+        (folder / "run_record.json").write_text(json.dumps({"status": "finished", "overrides": list(held),
+                                                            "sweep_id": "the-other-sweep"}))
+    finally:
+        lock.release()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 runs — 3 finished, 0 skipped (already finished), 0 failed, 0 missing, 1 refused" in proc.stdout
+    assert "in use by another run" in proc.stdout and "is in use by another run" in proc.stderr
+    mine = {load_record(p.parent)["sweep_id"] for p in (tmp_path / "out").glob("*/run_record.json")} - {"the-other-sweep"}
+    assert len(mine) == 1  # the records of the three runs this sweep trained name it
+    text, counts = summarize(points, tmp_path / "out", set(), mine.pop())  # as it reads once the other has finished
+    assert "4 runs — 3 finished, 0 skipped (already finished), 0 failed, 0 missing, 1 refused" in text
+    assert "finished by another run" in text and (counts["refused"], counts["refused_unfinished"]) == (1, 0)

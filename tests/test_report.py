@@ -22,6 +22,7 @@ from scipy import stats
 
 from kdexp.records import write_record
 from kdexp.report import ReportError, ReportSpec, make_tables, records_from_wandb_runs
+from kdexp.report.chain import render_chain
 from kdexp.report.cli import main
 from kdexp.report.formats import tidy_frame
 from kdexp.report.sources import load_sources
@@ -216,9 +217,10 @@ def test_reference_rows_ce_per_width_and_teacher(sweep, capsys):
     _, rows = md_rows(out)
     for width in WIDTHS:
         ce = rows[(str(width), "CE only")]
-        assert ce[0] == fmt(ce_values(width)) and ce[1] == ""  # one value for the whole row
+        assert ce == [fmt(ce_values(width))] * len(ALPHAS)  # one value for the whole row, under every column
     teacher = rows[("teacher", "")]
-    assert teacher[0] == f"{TEACHER_ACC * 100:.2f} (n=1)"  # one teacher, counted once
+    assert teacher == [f"{TEACHER_ACC * 100:.2f} (n=1)"] * len(ALPHAS)  # one teacher, counted once
+    assert "repeats its one value in each column" in out
     order = list(rows)
     assert order[0] == ("teacher", "")
     assert order.index(("128", "CE only")) < order.index(("128", "4")) < order.index(("512", "CE only"))
@@ -321,7 +323,8 @@ def test_split_gives_one_table_per_max_epochs(two_epoch_budgets, capsys):
     code, out, _ = run_report([two_epoch_budgets, "--split"], capsys)
     assert code == 0
     headings = [line for line in out.splitlines() if line.startswith("### ")]
-    assert sorted(headings) == ["### trainer.max_epochs=100", "### trainer.max_epochs=5"]
+    assert sorted(h.split(" · ")[0] for h in headings) == ["### trainer.max_epochs=100", "### trainer.max_epochs=5"]
+    assert all(h.endswith(" · mean over seeds, higher is better") for h in headings)
     for section in out.split("### ")[1:]:
         _, rows = md_rows(section)
         assert rows[("128", "4")][0].strip("*") == fmt(kd_values(128, 4.0, 0.5))  # same values, not pooled (n=3)
@@ -631,9 +634,78 @@ def test_a_setting_set_to_null_is_a_column_of_its_own_not_an_absent_axis(tmp_pat
     generated = 100 * np.mean([values[("generated", s)] for s in (1, 2)])
     plain = 100 * np.mean([values[(None, s)] for s in (1, 2)])
     assert rows[("128",)][0].startswith(f"**{generated:.2f}") and rows[("128",)][1].startswith(f"{plain:.2f}")
-    assert rows[("128 (CE only)",)] == ["56.50 ± 0.71 (n=2)", ""]  # spans the columns
+    assert rows[("128 (CE only)",)] == ["56.50 ± 0.71 (n=2)"] * 2  # spans the columns
     code, out, _ = run_report([str(tmp_path), "--rows", "student.width", "--cols", "data.transfer_set", "--paired"],
                               capsys)
     _, rows = md_rows(out)
     gain = 100 * np.mean([values[("generated", s)] - (0.55 + 0.01 * s) for s in (1, 2)])
     assert rows[("128",)][0].startswith(f"**+{gain:.2f}")  # paired with the CE-only run of the same seed
+
+
+def test_a_json_file_without_a_records_fields_is_named_and_skipped(sweep, tmp_path, capsys):
+    """It parses, but is no run record: it must not enter the table as a run with no settings."""
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    stray = root / "stray"
+    stray.mkdir()
+    (stray / "run_record.json").write_text('{"status": "finished"}')
+    code, out, err = run_report([root], capsys)
+    assert code == 0, err
+    assert f"record without a run's config skipped: {stray / 'run_record.json'} (it holds only status)" in err
+    _, expected, _ = run_report([sweep], capsys)
+    assert md_rows(out) == md_rows(expected)
+
+
+def write_language_model_runs(root: Path) -> dict[str, np.ndarray]:
+    """Width-64 GPT students on text: CE only, and token KD that is *worse* in bits per byte
+    (+0.14, lower is better), each with its teacher's own test bpb as a run records it."""
+    values = {"ce": np.array([3.90, 3.95, 3.92]), "kd": np.array([4.04, 4.09, 4.06]), "teacher": 3.6148}
+    for kind in ("ce", "kd"):
+        for seed, bpb in zip(SEEDS, values[kind]):
+            folder = root / f"{kind}{seed}"
+            record = make_record(folder, width=64, seed=seed, temperature=None if kind == "ce" else 2.0, alpha=0.5,
+                                 acc=0.4)
+            record["metrics"].update({"test/bpb": bpb, "teacher/test_bpb": values["teacher"]})
+            write_record(folder, record)
+    return values
+
+
+def test_a_lower_is_better_metric_states_its_direction_and_gets_the_teachers_row(tmp_path, capsys):
+    values = write_language_model_runs(tmp_path)
+    code, out, err = run_report([tmp_path, "--metric", "test/bpb", "--paired", "--rows", "student.width",
+                                 "--cols", "kd.temperature"], capsys)
+    assert code == 0, err
+    heading = next(line for line in out.splitlines() if line.startswith("### "))
+    assert "Δ bpb vs CE only" in heading and "lower is better" in heading
+    assert "lower is better: a negative Δ means KD did better than CE only" in out
+    _, rows = md_rows(out)
+    worse = values["kd"] - values["ce"]
+    assert rows[("64",)][0].startswith(f"{worse.mean():+.4f}")  # +0.14: read with the caption, KD is worse
+    assert rows[("teacher",)] == [f"{values['teacher']:.4f} (n=1)"]  # the teacher's own bpb
+    assert "teacher row: the teacher's test/bpb" in out
+    _, raw, _ = run_report([tmp_path, "--metric", "test/bpb", "--rows", "student.width", "--cols", "kd"], capsys)
+    _, rows = md_rows(raw)  # auto picks min for bpb: the CE-only cell is the best of the row
+    assert rows[("64",)] == [fmt_raw(values["kd"]), f"**{fmt_raw(values['ce'])}**"]  # kd=hinton, kd=none
+    chain = render_chain(load_sources([str(tmp_path)])[0], "test/bpb")
+    assert "lower is better (a negative Δ: the route beat direct KD)" in chain
+
+
+def fmt_raw(values: np.ndarray) -> str:
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f} (n={len(values)})"
+
+
+def test_heatmap_cells_read_as_the_table_does(tmp_path, capsys):
+    """64.25 % is 64.25 in both: one formatting function (not 64.2 from one decimal fewer)."""
+    from kdexp.report.plots import heatmap_figures
+
+    for seed in (1, 2):
+        for temperature, alpha, acc in ((4.0, 0.5, 0.6425), (4.0, 0.9, 0.6375), (8.0, 0.5, 0.61), (8.0, 0.9, 0.6)):
+            make_record(tmp_path / f"{temperature}-{alpha}-{seed}", width=128, seed=seed, temperature=temperature,
+                        alpha=alpha, acc=acc)
+    code, out, _ = run_report([tmp_path], capsys)
+    _, rows = md_rows(out)
+    assert rows[("128", "4")] == ["**64.25 ± 0.00 (n=2)**", "63.75 ± 0.00 (n=2)"]
+    [table], _ = make_tables(load_sources([str(tmp_path)])[0])
+    [(name, figure)] = heatmap_figures(table)
+    labels = {text.get_text() for text in figure.axes[0].texts}
+    assert name == "heatmap_test_acc_width128.png" and labels == {"64.25", "63.75", "61.00", "60.00"}

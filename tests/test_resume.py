@@ -208,3 +208,75 @@ def test_a_run_is_never_resumed_with_another_teacher(uninterrupted, tmp_path):
     fresh = run_cli([*args, "resume=false"], base / "cache")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "resumed" not in load_record(folder)
+
+
+def test_if_finished_skip_touches_nothing_in_the_finished_folder(uninterrupted):
+    base, _ = uninterrupted
+    folder = base / "whole"
+    before = files_of(folder)
+    proc = run_cli([*RUN, "if_finished=skip", f"hydra.run.dir={folder}"], base / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Skipping {folder}: it already holds a finished run." in proc.stderr  # said on the console only
+    assert files_of(folder) == before  # train.log included: not even the skip line is appended
+
+
+def test_a_run_resumed_with_logger_csv_still_points_at_its_wandb_run(uninterrupted, tmp_path):
+    """The W&B run holds the epochs before the interruption: the record keeps it, and says where it ends."""
+    base, _ = uninterrupted
+    folder = tmp_path / "to-csv"
+    args = [*RUN, "trainer.max_epochs=3", f"hydra.run.dir={folder}"]
+    killed = run_cli(args, base / "cache", extra_env={"KDEXP_TEST_STOP_AT": "1:3:SIGTERM"})
+    assert killed.returncode == 130, killed.stderr[-2000:]
+    first = load_record(folder)["wandb"]
+    assert first["id"] and first["mode"] == "offline"
+    resumed = run_cli([*args, "logger=csv"], base / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = load_record(folder)
+    assert record["status"] == "finished" and record["config"]["logger"]["_target_"].endswith("csv_logger")
+    assert {k: record["wandb"][k] for k in first} == first  # the same W&B run, not null
+    assert record["wandb"]["history_until"] == record["resumed"][0]["at"]  # its history ends at the resume
+    assert (folder / "csv" / "metrics.csv").is_file()  # the epochs after it
+
+
+class RunsCode:
+    """Pickled, it asks the loader to call ``os.system(touch MARKER)``: a weights-only load refuses it."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_is_refused_before_resuming_and_nothing_is_lost(uninterrupted, tmp_path):
+    import shutil
+
+    base, _ = uninterrupted
+    killed = tmp_path / "killed"
+    assert run_cli([*RUN, "logger=none", f"hydra.run.dir={killed}"], base / "cache",
+                   extra_env={"KDEXP_TEST_STOP_AT": "1:0:SIGKILL"}).returncode == -9
+    marker = tmp_path / "code-ran"
+    # best.ckpt is read only at the test after the remaining epochs; every checkpoint is checked up front.
+    for name, damage in (("best.ckpt", "code"), ("last.ckpt", "truncate"), ("epoch=0-step=21.ckpt", "code")):
+        folder = tmp_path / name.split(".")[0].replace("=", "-")
+        shutil.copytree(killed, folder)
+        target = folder / "checkpoints" / name
+        if damage == "code":
+            torch.save({"state_dict": RunsCode(marker)}, target)
+        else:
+            target.write_bytes(target.read_bytes()[:4096])
+        args = [*RUN, "logger=none", f"hydra.run.dir={folder}"]
+        before = {p: v for p, v in files_of(folder).items() if p.name != ".kdexp.owner"}  # (the lock holder's note)
+        proc = run_cli(args, base / "cache")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert not marker.exists()  # the pickle never ran
+        assert f"its checkpoint checkpoints/{name}" in proc.stderr and "resume=false" in proc.stderr
+        assert ("would run code" if damage == "code" else "truncated or damaged") in proc.stderr
+        assert "weights_only=False" not in proc.stderr and "Traceback" not in proc.stderr
+        assert {p: v for p, v in files_of(folder).items() if p.name != ".kdexp.owner"} == before  # nothing lost
+        assert load_record(folder)["status"] == "running"  # still resumable once the file is put back
+    fresh = run_cli([*args, "resume=false"], base / "cache")  # the way out the message names
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    archived = next((folder / "archive").iterdir())  # the tampered run, kept
+    assert (archived / "checkpoints" / name).read_bytes() == before[target.relative_to(folder)][0]
+    assert load_record(folder)["status"] == "finished" and not marker.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, load_record, records_in, run_cli
+from conftest import ROOT, load_record, path_with_fake_srun, records_in, run_cli
 from kdexp.errors import ConfigError
 from kdexp.sweep import grid, load_sweep, wandb_sweep_config
 
@@ -30,10 +30,20 @@ def wandb_grid(config: dict) -> set[tuple[str, ...]]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke grid (16 runs) with two parallel workers and a fresh teacher cache."""
+    """The smoke grid (16 runs) with two parallel workers and a fresh teacher cache; ``srun`` is on
+    PATH, as on a SLURM login node."""
     base = tmp_path_factory.mktemp("sweep")
-    proc = sweep_cli([str(SMOKE), *FAST, "--jobs", "2", "--dir", str(base / "smoke")], base / "cache")
+    proc = sweep_cli([str(SMOKE), *FAST, "--jobs", "2", "--dir", str(base / "smoke")], base / "cache",
+                     extra_env={"PATH": path_with_fake_srun(base / "bin")})
     return base, proc
+
+
+def test_a_parallel_sweep_console_shows_no_launcher_or_slurm_noise(smoke):
+    """Neither joblib's Joblib.Parallel(...) settings line nor Lightning's srun hint (from the workers)."""
+    _, proc = smoke
+    out = proc.stdout + proc.stderr
+    assert "finished: test/acc" in out  # the workers' lines do reach this console
+    assert "Joblib.Parallel(" not in out and "`srun` command is available" not in out
 
 
 def test_local_sweep_runs_the_whole_grid(smoke):

@@ -265,3 +265,70 @@ def test_random_augmentation_keeps_the_teacher_online(tmp_path):
     cfg.kd.cache_teacher = True
     with pytest.raises(ConfigError, match="augments its training inputs at random"):
         get_teacher_outputs(cfg, dm, teacher, 0, HintonKD())
+
+
+# -- checked against the teacher, not only against checksums ---------------------------------
+def forge(path: Path, split: str, out: Path | None = None) -> Path:
+    """Zero a split's logits and rewrite its checksum to match: an edit the checksums cannot see."""
+    store = read_store(path)
+    outputs = store.splits[split]
+    outputs.logits = torch.zeros_like(outputs.logits)
+    store.manifest["splits"][split]["checksum"] = outputs.checksum()
+    return save_store(out or path, store)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_forged_cache_is_caught_by_the_teacher_and_computed_again(tmp_path, digits, teacher, split, caplog):
+    from kdexp.teacher_outputs import VERIFY_ROWS, verify_against_teacher
+
+    def verify(store: TeacherOutputStore) -> None:
+        verify_against_teacher(store, teacher, lambda s, i: digits.batch_transform(digits.splits[s].x[i]))
+
+    def compute() -> TeacherOutputStore:
+        return store_for(teacher, digits)
+
+    first, how = cached_store(tmp_path, IDENTITY, compute, verify)
+    assert how == "computed" and first.verification is None  # just computed by this teacher: nothing to check
+    path = first.path
+    clean, how = cached_store(tmp_path, IDENTITY, compute, verify)
+    assert how == "read" and clean.verification["rows"] == 3 * VERIFY_ROWS
+    assert clean.verification["max_abs_diff"] <= clean.verification["tolerance"]
+    del first, clean
+    forge(path, split)
+    read_store(path)  # the checksums alone pass it
+    with caplog.at_level(logging.WARNING, logger="kdexp.teacher_outputs"):
+        rebuilt, how = cached_store(tmp_path, IDENTITY, compute, verify)
+    assert how == "computed"
+    assert f"of the '{split}' split checked against the teacher differ" in caplog.text and str(path) in caplog.text
+    assert len(list(path.parent.glob("damaged-*.pt"))) == 1  # the forged file, kept aside for inspection
+    torch.testing.assert_close(rebuilt.splits[split].logits, compute().splits[split].logits)
+
+
+def test_a_run_reading_the_cache_records_the_check(three_runs):
+    _, runs = three_runs
+    check = runs["again"]["teacher_outputs"]["verified"]
+    assert check["rows"] == 3 * 64 and 0 <= check["max_abs_diff"] <= check["tolerance"] == 1e-3
+    assert "verified" not in runs["cached"]["teacher_outputs"]  # computed by the run itself
+    assert runs["predictions"]["teacher_outputs"]["verified"]["rows"] == 3 * 64
+
+
+def test_a_forged_predictions_file_is_refused_unless_the_teacher_is_not_loaded(three_runs, tmp_path):
+    source, _ = three_runs
+    forged = forge(source / "predictions.pt", "train", tmp_path / "forged.pt")
+    with pytest.raises(CheckpointError, match="'train' split checked against the teacher differ.*kdexp predict"):
+        run_in(source, "forged", f"teacher.predictions={forged}")
+    # Without the teacher nothing can recompute a row: the record says the outputs were not verified.
+    unloaded = run_in(source, "forged_unloaded", f"teacher.predictions={forged}", "teacher.load=false",
+                      "trainer.max_epochs=1")
+    assert unloaded["teacher"]["verified"] is False
+    assert unloaded["teacher_outputs"]["verified"] is False
+    assert "teacher.load=false" in unloaded["teacher_outputs"]["unverified_because"]
+
+
+def test_a_predictions_file_of_another_architecture_is_refused_without_the_teacher(three_runs):
+    source, _ = three_runs
+    predictions = source / "predictions.pt"  # written by the CNN2D teacher of digits_smoke
+    for name, override in (("mlp", "teacher=mlp"), ("wider", "teacher.model.width=64")):
+        with pytest.raises(ConfigError, match="was written by another teacher than teacher="):
+            run_in(source, name, f"teacher.predictions={predictions}", "teacher.load=false", override)
+        assert not (source / name / "checkpoints").exists()  # refused before anything was trained

@@ -49,13 +49,19 @@ def test_each_divergence_equals_the_reference_on_padded_sequences(divergence, be
     assert got.item() == pytest.approx(reference(s, t, targets, divergence, beta), rel=1e-5)
 
 
-def test_jsd_limits_are_forward_and_reverse_kl_as_gkd_defines_them():
-    s, t, targets = seeded()
+def test_jsd_at_and_near_the_ends_as_trl_defines_it():
+    """β = 0 is forward KL and β = 1 reverse KL (TRL ≥ 0.16's end cases); just inside the ends the mixture
+    formula shrinks to β·KL(p ‖ q) and (1 − β)·KL(q ‖ p), as token_kd's docstring says (β = 0.001 gives a
+    loss about a thousand times smaller than β = 0). References: the torch.distributions KLs above."""
+    s, t, targets = (x.double() if x.is_floating_point() else x for x in seeded())
     valid = targets != UNLABELLED
-    assert token_divergence(s, t, valid, T, "jsd", 0.0) == token_divergence(s, t, valid, T, "forward_kl")
-    assert token_divergence(s, t, valid, T, "jsd", 1.0) == token_divergence(s, t, valid, T, "reverse_kl")
-    near = [token_divergence(s, t, valid, T, "jsd", b).item() for b in (1e-4, 1 - 1e-4)]
-    assert near[0] < 1e-3 and near[1] < 1e-3  # the mixture's own limits: both terms vanish
+    forward, reverse = reference(s, t, targets, "forward_kl"), reference(s, t, targets, "reverse_kl")
+    assert token_divergence(s, t, valid, T, "jsd", 0.0).item() == pytest.approx(forward, rel=1e-12)
+    assert token_divergence(s, t, valid, T, "jsd", 1.0).item() == pytest.approx(reverse, rel=1e-12)
+    eps = 1e-6
+    assert token_divergence(s, t, valid, T, "jsd", eps).item() / eps == pytest.approx(forward, rel=1e-3)
+    assert token_divergence(s, t, valid, T, "jsd", 1 - eps).item() / eps == pytest.approx(reverse, rel=1e-3)
+    assert token_divergence(s, t, valid, T, "jsd", 1e-3).item() < 1e-2 * forward  # a scale, not a direction
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -100,6 +106,42 @@ def test_on_class_logits_forward_kl_is_hinton_kd():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TokenKD(**kwargs)
+
+
+@pytest.mark.parametrize("dtype, computed", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_sixteen_bit_inputs_are_computed_in_float32_and_float64_stays_float64(dtype, computed):
+    from kdexp.objectives.hidden_state import hidden_distance
+
+    s, t, targets = seeded()
+    s, t = s.to(dtype), t.to(dtype)  # the rounded inputs are what both sides compute on
+    terms = TokenKD(temperature=T, alpha=0.5)(ModelOutputs(s), ModelOutputs(t), targets)
+    assert all(term.dtype == computed for term in terms.values())
+    # Reference in float64 on the same rounded inputs: float32 arithmetic agrees to ~1e-6, float64 to ~1e-15.
+    rel = 1e-5 if computed == torch.float32 else 1e-12
+    expected = reference(s.double(), t.double(), targets, "forward_kl")
+    assert terms["loss_kd"].item() == pytest.approx(0.5 * T**2 * expected, rel=rel)
+    valid = targets != UNLABELLED
+    h_s, h_t = s[..., :4], t[..., :4]
+    distance = hidden_distance(h_s, h_t, valid, "mse")
+    assert distance.dtype == computed
+    assert distance.item() == pytest.approx(((h_s.double() - h_t.double()) ** 2).mean(-1)[valid].mean().item(), rel=rel)
+
+
+def test_hidden_state_projection_follows_the_probe_precision_and_a_second_bind_keeps_it():
+    from kdexp.objectives.hidden_state import HiddenStateKD
+
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(B, L, V, dtype=torch.float64, generator=g), torch.randn(B, L, V, dtype=torch.float64, generator=g)
+    student = ModelOutputs(s, {"a": torch.randn(B, L, 3, dtype=torch.float64, generator=g)})
+    teacher = ModelOutputs(t, {"b": torch.randn(B, L, 5, dtype=torch.float64, generator=g)})
+    objective = HiddenStateKD(student_layers=["a"], teacher_layers=["b"], distance="mse")
+    objective.bind(student, teacher)
+    projection = objective.projections[0]
+    assert projection.weight.dtype == torch.float64  # a float64 run stays float64
+    objective.bind(student, teacher)  # e.g. a resumed run: the trained projection is kept, not doubled
+    assert len(objective.projections) == 1 and objective.projections[0] is projection
+    assert objective(student, teacher, torch.zeros(B, L, dtype=torch.long))["loss_hidden"].dtype == torch.float64
 
 
 def test_hidden_state_kd_projects_and_sends_gradients_to_student_and_projection_only():

@@ -85,3 +85,63 @@ def test_bad_transfer_settings_are_refused_before_training(tmp_path, overrides, 
         validate_config(cfg)
         from kdexp.config import instantiate
         instantiate(cfg.data).setup()
+
+
+def test_generating_a_transfer_set_reports_progress_and_changes_no_sample(caplog):
+    import logging
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from kdexp.data.base import GenerationProgress
+
+    caplog.set_level(logging.INFO, logger="kdexp.data.base")
+    counted = MNIST1DDataModule().transfer_inputs(300, seed=3)
+    args = get_dataset_args()
+    args.seed, args.num_samples, args.train_split = 3, 300, 1.0
+    assert np.array_equal(counted, make_dataset(args)["x"].astype(np.float32))  # counting draws nothing
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdexp.data.base"]
+    assert lines[0] == "Generating 300 MNIST-1D transfer inputs (data.transfer_seed=3) ..."
+    assert lines[-1].startswith("Generated 300 MNIST-1D transfer inputs (data.transfer_seed=3) in ")
+    caplog.clear()
+    progress = GenerationProgress(50_000, "inputs")  # long enough to report every tenth, with the time left
+    for _ in range(50_000):
+        progress.step()
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdexp.data.base"]
+    assert [line.split(" of ")[0].strip() for line in lines[1:]] == [f"{n:,}" for n in range(5_000, 50_000, 5_000)]
+    assert lines[1].startswith("  5,000 of 50,000 inputs (10 %), about ") and lines[1].endswith(" left")
+
+
+def test_sigterm_while_a_transfer_set_is_generated_ends_the_record_interrupted(tmp_path):
+    """Data preparation is stopped like training is: the record says interrupted (not running), exit 130."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import PLUGINS, ROOT, load_record
+
+    folder = tmp_path / "run"
+    env = dict(os.environ, KDEXP_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline", PYTHONPATH=str(PLUGINS))
+    proc = subprocess.Popen([sys.executable, "-m", "kdexp.train", "data.transfer_set=generated",
+                             "data.transfer_size=200000", "logger=none", f"hydra.run.dir={folder}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log_file, deadline = folder / "train.log", time.time() + 300
+        # the run's own log line is the handshake: 200,000 inputs take minutes to generate after it
+        while proc.poll() is None and time.time() < deadline and \
+                not (log_file.is_file() and "Generating 200,000 MNIST-1D" in log_file.read_text()):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert json.loads((folder / "run_record.json").read_text())["status"] == "running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    record = load_record(folder)
+    assert record["status"] == "interrupted" and record["error"]["type"] == "RunInterrupted"
+    assert "stopped by SIGTERM outside training" in record["error"]["message"]
+    assert "Traceback" not in err and not list((tmp_path / "cache").rglob("mnist1d-transfer-*.npz"))

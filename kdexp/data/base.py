@@ -8,9 +8,13 @@ importing Lightning (4 s); a Trainer gets them through :func:`kdexp.data.lightni
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,8 +41,79 @@ class RawData:
     y_test: np.ndarray
 
 
+log = logging.getLogger(__name__)
+
 # Where unlabelled transfer inputs come from (data.transfer_set): none, or a generator's new samples.
 TRANSFER_SETS = (None, "generated")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: the kernel's MemAvailable, capped by a cgroup limit (a
+    container's or a SLURM job's) when one is set; elsewhere (macOS) the machine's physical memory, an
+    upper bound; None where none of these can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 2**60:  # v1 writes a huge number for "no limit"
+                found.append(int(cap) - int(Path(usage).read_text()))
+                break
+        except (OSError, ValueError):
+            continue
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            pass
+    return min(found) if found else None
+
+
+class GenerationProgress:
+    """Log lines while something slow is generated: what and how much at the start, then (for ``total``
+    of at least ``report_from``) every tenth with the time left, and the time taken at the end.
+
+    Log lines, not a terminal bar: they reach ``train.log``, a SLURM job's output file and a pack
+    worker's console alike.
+    """
+
+    def __init__(self, total: int, what: str, report_from: int = 20_000) -> None:
+        self.total, self.what, self.done = int(total), what, 0
+        self._next = max(self.total // 10, 1) if self.total >= report_from else self.total + 1
+        self._start = time.perf_counter()
+        log.info("Generating %s %s ...", f"{self.total:,}", what)
+
+    def step(self, count: int = 1) -> None:
+        self.done += count
+        if self.done >= self._next and self.done < self.total:
+            elapsed = time.perf_counter() - self._start
+            left = elapsed * (self.total - self.done) / self.done
+            log.info("  %s of %s %s (%d %%), about %s left", f"{self.done:,}", f"{self.total:,}", self.what,
+                     100 * self.done // self.total, _duration(left))
+            self._next += max(self.total // 10, 1)
+
+    def finish(self) -> None:
+        log.info("Generated %s %s in %s", f"{self.done:,}", self.what, _duration(time.perf_counter() - self._start))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def gigabytes(size: float) -> str:
+    """``size`` bytes in MB, GB or TB."""
+    if size >= 1e12:
+        return f"{size / 1e12:.1f} TB"
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"
+
 
 # An augmentation takes a raw batch (B, ...) and a generator that holds all of its randomness.
 Augmentation = Callable[[Tensor, torch.Generator], Tensor]
@@ -162,6 +237,12 @@ class InMemoryDataModule:
     def batch_transform(self, x: Tensor) -> Tensor:
         """Applied to each gathered batch (e.g. uint8 → normalised float)."""
         return x
+
+    @classmethod
+    def transfer_set_bytes(cls, size: int, input_shape: Sequence[int]) -> int | None:
+        """The peak memory of generating ``size`` transfer inputs and adding them to the training split;
+        None for a data set that cannot generate them."""
+        return None
 
     def transfer_inputs(self, size: int, seed: int) -> np.ndarray:
         """``size`` new unlabelled inputs for ``data.transfer_set=generated``, drawn with ``seed``.

@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdexp.errors import ConfigError
+from kdexp.errors import CheckpointError, ConfigError
+from kdexp.files import is_weights_only_refusal, refused_pickle
 from kdexp.huggingface import import_transformers, is_local_path
 
 FAMILIES = ("gpt2", "llama", "bert", "distilbert")
@@ -85,11 +86,29 @@ def load_pretrained(auto_class: Any, name: str, revision: str | None, **kwargs: 
                               "model.pretrained at a folder written by save_pretrained.")
     try:
         return auto_class.from_pretrained(name, revision=revision, **kwargs)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - a refused pickle and OSError are put in kdexp's words; others re-raised
+        if is_weights_only_refusal(err):  # torch's message advises weights_only=False: never passed on
+            raise refused_weights(name, err) from None
+        if not isinstance(err, OSError):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot load the pretrained model '{name}': {first}. A hub name needs network the first "
                           "time (then the HF cache serves it; HF_HUB_OFFLINE=1 reads only the cache); a local "
                           "model is a directory written by save_pretrained.") from None
+
+
+def refused_weights(name: str, err: BaseException) -> CheckpointError:
+    """A model whose pickled weights (``pytorch_model.bin``) would run code when loaded: refused.
+
+    ``from_pretrained`` reads them with ``torch.load(weights_only=True)``, which stops before
+    anything runs; torch's message then advises ``weights_only=False``, which would run it."""
+    path = Path(name).expanduser()
+    pickles = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+    where = f"{path.resolve()} ({', '.join(pickles)})" if pickles else f"'{name}'"
+    return refused_pickle(
+        err, where, "the pretrained model's weights",
+        fix="If you trust its source, convert it to safetensors with transformers (save_pretrained writes "
+            "model.safetensors, which holds tensors only) and point model.pretrained at that copy.")
 
 
 class HFModel(nn.Module):

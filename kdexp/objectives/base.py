@@ -145,12 +145,23 @@ def labelled_cross_entropy(logits: Tensor, targets: Tensor, **kwargs: Any) -> Te
     Transfer-set inputs carry :data:`UNLABELLED` targets. ``F.cross_entropy`` already
     skips them, but returns NaN for a batch without any labelled sample.
     """
-    labelled = targets != UNLABELLED
-    if bool(labelled.all()):
-        return F.cross_entropy(logits, targets, **kwargs)
-    if not bool(labelled.any()):
+    if not bool((targets != UNLABELLED).any()):
         return logits.sum() * 0.0  # keeps the graph (and the dtype) without a NaN
-    return F.cross_entropy(logits[labelled], targets[labelled], **kwargs)
+    # ignore_index rather than logits[labelled]: no copy of a (tokens, vocabulary) tensor, and the
+    # label-smoothing term is averaged over the labelled samples alike.
+    return F.cross_entropy(logits, targets, ignore_index=UNLABELLED, **kwargs)
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is a lower-precision float (bfloat16, float16), else unchanged.
+
+    Softmaxes and divergences over a large vocabulary lose too much in 16 bits, so those
+    inputs are computed in float32; a float64 run stays in float64 (``.float()`` would
+    silently halve its precision).
+    """
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+        return tensor.float()
+    return tensor
 
 
 def total_loss(terms: dict[str, Tensor]) -> Tensor:

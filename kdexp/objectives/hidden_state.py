@@ -11,18 +11,22 @@ DistilBERT (Sanh et al., 2019: cosine between hidden states) and TinyBERT (Jiao 
 with ``d`` = ``1 − cos`` (``distance=cosine``) or the squared error averaged over the
 hidden size (``distance=mse``), and ``P`` a linear projection (the identity when the
 sizes agree), trained with the student. Positions whose target is ``UNLABELLED``
-(padding, prompts) take no part.
+(padding, prompts) take no part: the cosine term is DistilBERT's ``CosineEmbeddingLoss`` over
+the selected positions; the MSE term averages over valid positions only (TinyBERT's code
+averages over every position, padding included). Hidden states in 16-bit floats are
+compared in float32; float32 and float64 keep their precision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdexp.errors import require
-from kdexp.objectives.base import UNLABELLED, ModelOutputs
+from kdexp.objectives.base import UNLABELLED, ModelOutputs, at_least_float32
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 from kdexp.objectives.token_kd import TokenKD
 
@@ -31,10 +35,11 @@ DISTANCES = ("cosine", "mse")
 
 def hidden_distance(student: Tensor, teacher: Tensor, valid: Tensor, distance: str) -> Tensor:
     """Mean over valid positions of the distance between hidden states (..., D)."""
+    student, teacher = at_least_float32(student), at_least_float32(teacher)
     if distance == "cosine":
-        per_position = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+        per_position = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
     else:
-        per_position = (student.float() - teacher.float()).pow(2).mean(-1)
+        per_position = (student - teacher).pow(2).mean(-1)
     weights = valid.to(per_position.dtype)
     return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -57,9 +62,14 @@ class HiddenStateKD(TokenKD):
 
     def bind(self, student: ModelOutputs, teacher: ModelOutputs | None) -> None:
         """One projection per tap pair: student width → teacher width (identity when equal)."""
+        if len(self.projections):
+            return  # bound before (e.g. a resumed run): keep the trained projections
         for _, _, s, t in tapped_pairs(self, student, teacher):
             s_dim, t_dim = s.shape[-1], t.shape[-1]
-            self.projections.append(nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim, bias=False))
+            # In the probe's precision when it is float32/float64 (a float64 run stays float64), else float32.
+            dtype = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
+            self.projections.append(nn.Identity() if s_dim == t_dim
+                                    else nn.Linear(s_dim, t_dim, bias=False, device=s.device, dtype=dtype))
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
         terms = super().forward(student, teacher, targets)

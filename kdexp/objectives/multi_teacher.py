@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.objectives.base import ModelOutputs
+from kdexp.objectives.base import ModelOutputs, labelled_cross_entropy
 from kdexp.objectives.hinton import HintonKD
 
 
@@ -36,12 +36,13 @@ class MultiTeacherKD(HintonKD):
     """Hinton KD towards the average of several teachers' soft targets (knobs: T, α)."""
 
     uses_teacher_members = True
+    handles_unlabelled = True  # as HintonKD: UNLABELLED inputs (a transfer set) get the soft-target term only
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
         if teacher is None:
             raise ValueError("MultiTeacherKD needs the teachers' outputs")
         members = teacher.members or [teacher.logits]
-        ce = F.cross_entropy(student.logits, targets)
+        ce = labelled_cross_entropy(student.logits, targets)  # transfer-set inputs: soft targets only, as HintonKD
         kd = averaged_soft_target_kl(student.logits, [m.detach() for m in members], self.temperature)
         return {"loss_ce": (1.0 - self.alpha) * ce, "loss_kd": self.alpha * kd}
 

@@ -12,11 +12,24 @@ The divergences, at temperature T (``p = softmax(teacher / T)``, ``q = softmax(s
 - ``reverse_kl``: KL(q ‖ p), mode-seeking (Gu et al., 2024, MiniLLM);
 - ``jsd``: the generalized Jensen–Shannon divergence of GKD (Agarwal et al., 2024,
   "On-Policy Distillation of Language Models"), with ``m = beta * p + (1 - beta) * q``:
-  ``beta * KL(p ‖ m) + (1 - beta) * KL(q ‖ m)``; as in their implementation, ``beta = 0``
-  means forward KL and ``beta = 1`` reverse KL.
+  ``beta * KL(p ‖ m) + (1 - beta) * KL(q ‖ m)`` for ``0 < beta < 1``, and by definition
+  forward KL at ``beta = 0`` and reverse KL at ``beta = 1``. This is TRL's
+  ``GKDTrainer.generalized_jsd_loss`` from TRL 0.16.0 on (PR #3043, which put ``beta`` on the
+  teacher in the mixture and added the two end cases); TRL 0.15 and earlier mix
+  ``beta * q + (1 - beta) * p`` and give a different value for every ``beta ≠ 0.5``.
+
+Near the ends the mixture formula does not approach the end cases: as ``beta → 0``,
+``m → q`` and the divergence shrinks to about ``beta · KL(p ‖ q)`` (and to about
+``(1 - beta) · KL(q ‖ p)`` as ``beta → 1``), so ``beta = 0.001`` gives a loss roughly a
+thousand times smaller than ``beta = 0`` (forward KL), not a slightly different one. TRL's
+PR #3043 says the same: the mixture formula is 0 at both ends, which is why the ends are
+special cases. Near the ends ``beta`` therefore acts as a loss scale; pick
+``divergence=forward_kl`` / ``reverse_kl`` (or ``beta`` 0 / 1) for the pure KLs.
 
 ``loss = (1 - alpha) * CE(student, targets) + alpha * T² * divergence``, the divergence
-averaged over valid positions.
+averaged over valid positions (as TRL's ``batchmean`` with labels, and DistilBERT's
+``KLDivLoss(reduction="batchmean")`` over the selected positions times T²). Inputs in 16-bit
+floats are computed in float32; float32 and float64 inputs keep their precision.
 """
 
 from __future__ import annotations
@@ -28,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.errors import require
-from kdexp.objectives.base import UNLABELLED, DistillationObjective, ModelOutputs
+from kdexp.objectives.base import (UNLABELLED, DistillationObjective, ModelOutputs, at_least_float32,
+                                   labelled_cross_entropy)
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -44,8 +58,8 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, valid: Tens
 
     ``student_logits``/``teacher_logits``: (B, L, V) or (B, V); ``valid``: (B, L) or (B,) booleans.
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         per_position = _kl(log_p, log_q)
     elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
@@ -80,10 +94,10 @@ class TokenKD(DistillationObjective):
         if teacher is None:
             raise ValueError("TokenKD needs the teacher's outputs")
         valid = targets != UNLABELLED  # (B, L) or (B,)
-        logits = student.logits.reshape(-1, student.logits.shape[-1])
-        flat_targets = targets.reshape(-1)
-        ce = F.cross_entropy(logits, flat_targets, ignore_index=UNLABELLED, reduction="sum") / valid.sum().clamp(min=1)
-        kd = token_divergence(student.logits, teacher.logits, valid, self.temperature, self.divergence, self.beta)
+        logits = at_least_float32(student.logits)  # (B, L, V) or (B, C); 16-bit logits: CE in float32 too
+        # Mean over labelled positions, 0 (not NaN) when there are none.
+        ce = labelled_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        kd = token_divergence(logits, teacher.logits, valid, self.temperature, self.divergence, self.beta)
         return {"loss_ce": (1.0 - self.alpha) * ce, "loss_kd": self.alpha * self.temperature**2 * kd}
 
     @property

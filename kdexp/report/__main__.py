@@ -2,6 +2,7 @@
 
 import sys
 
+from kdexp.processes import run_then_exit
 from kdexp.report.cli import main
 
-sys.exit(main(sys.argv[1:]))
+run_then_exit(lambda: main(sys.argv[1:]))

@@ -18,6 +18,7 @@ import pandas as pd
 from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_student_record
 from kdexp.report.stats import paired_summary
+from kdexp.report.table import default_better
 from kdexp.vocabulary import TEST_ACC
 
 CE_ONLY, DIRECT = "CE only", "direct"
@@ -70,14 +71,18 @@ def chain_table(records: Sequence[Mapping[str, Any]], metric: str = TEST_ACC) ->
     return cells, gains
 
 
-def render_chain(records: Sequence[Mapping[str, Any]], metric: str = TEST_ACC) -> str:
-    """The chain view as markdown (percentages for accuracies)."""
+def render_chain(records: Sequence[Mapping[str, Any]], metric: str = TEST_ACC, better: str = "auto") -> str:
+    """The chain view as markdown (percentages for accuracies); ``better``: max, min or auto (by the
+    metric's name), which the caption states so the sign of a difference reads the right way."""
+    better = default_better(metric) if better == "auto" else better
+    improves = "positive" if better == "max" else "negative"
     cells, gains = chain_table(records, metric)
     scale, unit = (100.0, " %") if "acc" in metric else (1.0, "")
     routes = _route_order(list(cells.route.unique()))
     via = [r for r in routes if r.startswith("via ")]
     header = ["final width", *routes, *(f"{r} − direct (paired)" for r in via)]
-    lines = [f"{metric}, mean ± std over seeds (n); paired gains over direct KD with 95 % CI", "",
+    lines = [f"{metric}, mean ± std over seeds (n); Δ = route − direct KD, paired over seeds, with 95 % CI; "
+             f"{'higher' if better == 'max' else 'lower'} is better (a {improves} Δ: the route beat direct KD)", "",
              "| " + " | ".join(header) + " |", "|---:|" + "---:|" * (len(header) - 1)]
     for width in sorted(cells.width.unique(), key=lambda w: (w is None, w)):
         row = [str(width)]

@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--delta", action="store_true",
                        help="KD cells show mean(KD) − mean(CE only) of the same student, ± its standard error")
     table.add_argument("--paired", action="store_true",
-                       help="KD cells show the paired gain over seeds run with both (mean ± std, t, 95%% CI)")
+                       help="KD cells show the paired difference KD − CE only over seeds run with both (mean ± std, "
+                            "t, 95%% CI); its sign reads like the metric (--best)")
     table.add_argument("--best", choices=("auto", "max", "min"), default="auto",
-                       help="which cell of a row is best (auto: min for ece/loss/kl/err metrics, else max)")
+                       help="which cell of a row is best, and which way a difference improves (auto: min for "
+                            "ece/loss/kl/nll/bpb/ppl/err metrics, else max)")
     out = parser.add_argument_group("output")
     out.add_argument("--latex", metavar="PATH", help="write a booktabs LaTeX tabular ('-' = stdout)")
     out.add_argument("--csv", metavar="PATH", help="write a tidy CSV, one line per cell, in the metric's own units "
@@ -122,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         if spec.where:  # --where keeps the runs it matches (the CE-only runs stay, as in the other tables)
             runs = runs_frame(records)
             records = [records[i] for i in apply_where(runs, spec.where, known_paths(runs)).index]
-        print(render_chain(records, args.metric), end="")
+        print(render_chain(records, args.metric, args.best), end="")
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         return 0

@@ -26,8 +26,33 @@ def scale_of(metric: str) -> tuple[float, int, str]:
     return (100.0, 2, "%") if is_accuracy_metric(metric) else (1.0, 4, "")
 
 
+def number_text(value: float, decimals: int, signed: bool = False) -> str:
+    """A value already in display units (see :func:`scale_of`) as every table cell, plot label and
+    heatmap cell prints it, so a figure never reads otherwise than its table (64.25, not 64.2)."""
+    return f"{value:{'+' if signed else ''}.{decimals}f}"
+
+
+def direction(better: str) -> str:
+    """``higher is better`` / ``lower is better``: which way a cell (and a difference) improves."""
+    return "higher is better" if better == "max" else "lower is better"
+
+
+def short_name(metric: str) -> str:
+    """The metric's own name for a Δ: ``test/bpb`` → ``bpb``."""
+    return metric.rsplit("/", 1)[-1]
+
+
+def caption(table: Table) -> str:
+    """What the KD cells hold and which way is better, for the heading: ``Δ bpb vs CE only (KD − CE,
+    paired over seeds), lower is better``; differences read the same way as the metric."""
+    name = short_name(table.metric)
+    shown = {"raw": "mean over seeds", "delta": f"Δ {name} vs CE only (mean KD − mean CE)",
+             "paired": f"Δ {name} vs CE only (KD − CE, paired over seeds)"}[table.mode]
+    return f"{shown}, {direction(table.better)}"
+
+
 def cell_text(cell: pd.Series, table: Table) -> str:
-    """``65.70 ± 0.82 (n=3)``, or the delta / paired gain of a KD cell; ``—`` when nothing finished."""
+    """``65.70 ± 0.82 (n=3)``, or the Δ / paired Δ of a KD cell; ``—`` when nothing finished."""
     factor, dp, _ = scale_of(table.metric)
     n, failed, running = int(cell["n"]), int(cell["n_failed"]), int(cell["n_running"])
     tags = [f"+{failed} failed"] * bool(failed) + [f"+{running} running"] * bool(running)
@@ -44,18 +69,17 @@ def cell_text(cell: pd.Series, table: Table) -> str:
         return _nothing(tags, "no paired seeds" if n else "")
     extra = [f"n={pn}"]
     if pn > 1:
-        extra += [f"t={cell['paired_t']:.2f}",
-                  f"95% CI [{cell['paired_ci_low'] * factor:+.{dp}f}, {cell['paired_ci_high'] * factor:+.{dp}f}]"]
+        extra += [f"t={cell['paired_t']:.2f}", f"95% CI [{number_text(cell['paired_ci_low'] * factor, dp, True)}, "
+                                              f"{number_text(cell['paired_ci_high'] * factor, dp, True)}]"]
     return _stat(cell["paired_mean"] * factor, cell["paired_std"] * factor, extra, tags, dp, pn, True)
 
 
 def _stat(mean: float, spread: float, inside: list[str], tags: list[str], dp: int, n: int, signed: bool) -> str:
     if is_missing(mean):
         return _nothing(tags, "")
-    sign = "+" if signed else ""
-    text = f"{mean:{sign}.{dp}f}"
+    text = number_text(mean, dp, signed)
     if n > 1 and not is_missing(spread) and math.isfinite(spread):
-        text += f" ± {spread:.{dp}f}"
+        text += f" ± {number_text(spread, dp)}"
     return f"{text} ({', '.join(inside + tags)})"
 
 
@@ -152,22 +176,28 @@ def legend(table: Table) -> str:
     units = " in %" if unit else ""
     points = "percentage points" if unit else "metric units"
     best = f"bold = best cell of its row ({'highest' if table.better == 'max' else 'lowest'})"
+    # A difference is read like the metric: for a lower-is-better one a KD improvement is negative.
+    improves = "positive" if table.better == "max" else "negative"
+    sign = f"{direction(table.better)}: a {improves} Δ means KD did better than CE only"
     if table.mode == "raw":
         what = (f"{table.metric} ({title}){units}: mean ± sample std over seeds (ddof=1; no ± when n=1), "
                 "n = finished seeds averaged")
     elif table.mode == "delta":
-        what = (f"{table.metric} ({title}): KD cells show mean(KD) − mean(CE only, same student) in {points}; "
-                "± = standard error of that difference, √(s²_KD/n_KD + s²_CE/n_CE); n = KD vs CE-only seeds; "
+        what = (f"{table.metric} ({title}): KD cells show Δ {short_name(table.metric)} = mean(KD) − mean(CE only, "
+                f"same student) in {points} ({sign}); ± = standard error of that difference, "
+                "√(s²_KD/n_KD + s²_CE/n_CE); n = KD vs CE-only seeds; "
                 f"reference rows show raw mean ± std{units}")
     else:
-        what = (f"{table.metric} ({title}): KD cells show the paired gain, mean over seeds of KD − CE only "
-                f"(same student, same seed) in {points}; ± = sample std of those differences; t = paired "
-                "t statistic (df = n−1) with its 95% CI; n = paired seeds; "
+        what = (f"{table.metric} ({title}): KD cells show the paired Δ {short_name(table.metric)}, mean over seeds "
+                f"of KD − CE only (same student, same seed) in {points} ({sign}); ± = sample std of those "
+                "differences; t = paired t statistic (df = n−1) with its 95% CI; n = paired seeds; "
                 f"reference rows show raw mean ± std{units}")
-    teacher = "; teacher row: the teacher's test accuracy, n = distinct teachers" if any(
-        r == "teacher" for r in table.cells["_kind"]) else ""
+    teacher = (f"; teacher row: the teacher's {table.teacher_metric}, n = distinct teachers"
+               if table.cells["_kind"].eq("teacher").any() else "")
+    spans = ("; a reference row that holds for every column (the teacher; a CE-only run without the column "
+             "settings) repeats its one value in each column") if table.cols else ""
     return (f"{what}. {best}; — = no finished run; failed runs are counted (+k failed), never averaged"
-            f"{teacher}.")
+            f"{teacher}{spans}.")
 
 
 # -- markdown --------------------------------------------------------------------
@@ -179,13 +209,14 @@ def render_markdown(tables: Sequence[Table]) -> str:
 def _markdown_one(table: Table) -> str:
     grid = layout(table)
     heading = table.heading if table.heading else f"{table.metric} — {METRIC_TITLES.get(table.metric, '')}"
+    heading = f"{heading.rstrip(' —')} · {caption(table)}"
     headers = [*grid.row_axes, *(column_title(c, table.cols, table.metric) for c in grid.columns)]
-    lines = [f"### {heading.rstrip(' —')}", "", f"{table.context}", "",
+    lines = [f"### {heading}", "", f"{table.context}", "",
              _md_row(headers), "| " + " | ".join(["---"] * len(grid.row_axes) + ["---:"] * len(grid.columns)) + " |"]
     for row in grid.rows:
         texts = [f"**{t}**" if b else t for t, b in zip(row.texts, row.best)]
-        if row.span is not None:
-            texts[0] = row.span
+        if row.span is not None:  # markdown cannot span columns: the one value stands in each
+            texts = [row.span] * len(texts)
         lines.append(_md_row([*row.labels, *texts]))
     lines += ["", legend(table)]
     lines += [f"- {note}" for note in table.notes]
@@ -215,9 +246,7 @@ def render_latex(tables: Sequence[Table]) -> str:
 def _latex_one(table: Table) -> str:
     grid = layout(table)
     n_rows, n_cols = len(grid.row_axes), len(grid.columns)
-    lines = []
-    if table.heading:
-        lines.append(f"% {table.heading}")
+    lines = [f"% {table.heading + ' · ' if table.heading else ''}{table.metric}: {caption(table)}"]
     lines += [f"% {line}" for line in (legend(table), table.context, *table.notes)]
     lines += [r"\begin{tabular}{" + "l" * n_rows + "r" * n_cols + "}", r"\toprule"]
     row_heads = [latex_escape(a) for a in grid.row_axes]

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kdexp.report.formats import scale_of
+from kdexp.report.formats import direction, number_text, scale_of
 from kdexp.report.runs import axis_values, metric_values
 from kdexp.report.table import Table
 from kdexp.report.values import format_value, matches
@@ -48,7 +48,7 @@ def plot_table(table: Table, out_dir: str | Path, *,
     files, notes = [], []
     kd = runs[runs["_kind"].eq("distill")]
     if kd["_t"].notna().any() and kd["_a"].notna().any():
-        files += _heatmaps(table, runs, out, (y_knob, x_knob))
+        files += [_save(fig, out / name) for name, fig in heatmap_figures(table, runs, (y_knob, x_knob))]
     else:
         notes.append(f"no heatmap: the KD runs have no {y_knob} and {x_knob}")
     if runs["_w"].notna().any():
@@ -83,11 +83,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _heatmaps(table: Table, runs: pd.DataFrame, out: Path, knobs: tuple[str, str]) -> list[Path]:
+def heatmap_figures(table: Table, runs: pd.DataFrame | None = None,
+                    knobs: tuple[str, str] | None = None) -> list[tuple[str, Figure]]:
+    """(file name, figure) per student width: the mean of ``table.metric`` over seeds per knob pair.
+
+    ``runs`` are ``table.runs`` with ``_w`` / ``_t`` / ``_a`` axis columns (made here when not given).
+    Cell labels are printed by the table's own :func:`number_text`, so they read as the table does.
+    """
+    if knobs is None:
+        knobs = heatmap_axes(table.axes)
+    if runs is None:
+        runs = table.runs.assign(_w=axis_values(table.runs, WIDTH), _t=axis_values(table.runs, knobs[0]),
+                                 _a=axis_values(table.runs, knobs[1]))
     factor, dp, unit = scale_of(table.metric)
     kd = runs[runs["_kind"].eq("distill") & runs["_t"].notna() & runs["_a"].notna()]
     ce = runs[runs["_kind"].eq("baseline")]
-    files = []
+    figures = []
     for width in sorted(kd["_w"].dropna().unique()) or [None]:
         sub = kd if width is None else kd[kd["_w"].eq(width)]
         grid = sub.astype({"_t": float, "_a": float}).pivot_table(
@@ -102,17 +113,17 @@ def _heatmaps(table: Table, runs: pd.DataFrame, out: Path, knobs: tuple[str, str
         low, high = np.nanmin(grid.to_numpy()), np.nanmax(grid.to_numpy())
         for (i, j), value in np.ndenumerate(grid.to_numpy()):
             bright = not math.isnan(value) and value > (low + high) / 2
-            ax.text(j, i, "—" if math.isnan(value) else f"{value:.{max(dp - 1, 1)}f}", ha="center", va="center",
-                    color="black" if bright else "white", fontsize=9)
-        fig.colorbar(image, ax=ax, label=f"{table.metric}{' (%)' if unit else ''}")
+            ax.text(j, i, "—" if math.isnan(value) else number_text(value, dp), ha="center", va="center",
+                    color="black" if bright else "white", fontsize=8)
+        fig.colorbar(image, ax=ax, label=f"{table.metric}{' (%)' if unit else ''}, {direction(table.better)}")
         title = f"{table.metric}, mean over seeds" + ("" if width is None else f", student width {format_value(width)}")
         base = ce if width is None else ce[ce["_w"].eq(width)]
         if len(base):
-            title += f"\nCE only: {base['_value'].mean() * factor:.{dp}f}"
+            title += f"\nCE only: {number_text(base['_value'].mean() * factor, dp)}"
         ax.set_title(title, fontsize=10)
         suffix = "" if width is None else f"_width{format_value(width)}"
-        files.append(_save(fig, out / f"heatmap_{slug(table.metric)}{suffix}.png"))
-    return files
+        figures.append((f"heatmap_{slug(table.metric)}{suffix}.png", fig))
+    return figures
 
 
 def _cells(kd: pd.DataFrame) -> pd.DataFrame:
@@ -164,13 +175,14 @@ def _width_plot(table: Table, runs: pd.DataFrame, out: Path,
                     capsize=3, label="CE only (kd=none)")
     teacher = table.cells[table.cells["_kind"].eq("teacher")]
     if len(teacher):
-        ax.axhline(teacher["mean"].iloc[0] * factor, color="gray", linestyle="--", label="teacher (test acc)")
+        ax.axhline(teacher["mean"].iloc[0] * factor, color="gray", linestyle="--",
+                   label=f"teacher ({table.teacher_metric})")
     widths = sorted(set(best["_w"].astype(float)) | set(ce["_w"].astype(float)))
     if widths and min(widths) > 0 and max(widths) / min(widths) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [format_value(w) for w in widths])
     ax.set_xlabel("student width (student.width)")
-    ax.set_ylabel(f"{table.metric}{' (%)' if unit else ''}")
+    ax.set_ylabel(f"{table.metric}{' (%)' if unit else ''}, {direction(table.better)}")
     ax.set_title(f"{METRIC_TITLES.get(table.metric, table.metric)}\nmean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, out / f"width_{slug(table.metric)}.png"), None

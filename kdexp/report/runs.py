@@ -36,6 +36,14 @@ def is_student_record(record: Mapping[str, Any]) -> bool:
     return record.get("job_type") not in SKIPPED_JOB_TYPES
 
 
+def missing_fields(record: Mapping[str, Any]) -> list[str]:
+    """The fields every run's record has (``status``, a non-empty ``config``) that ``record`` lacks:
+    a JSON file that parses but is no kdexp record would otherwise enter a table with no settings."""
+    missing = [] if isinstance(record.get("status"), str) else ["status"]
+    config = record.get("config")
+    return missing + ([] if isinstance(config, Mapping) and config else ["config"])
+
+
 def run_kind(job_type: str | None, choices: Mapping[str, Any]) -> str:
     """``distill`` or ``baseline``; a run that failed before it knew its job type goes by ``kd=none``."""
     if job_type in ("distill", "baseline"):
@@ -65,6 +73,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "_metrics": metrics,
             "_teacher_hash": teacher.get("hash"),
             "_teacher_acc": metrics.get(TEACHER_TEST_ACC, teacher.get("test_acc")),
+            "_teacher_weak": teacher.get("better_than_chance") is False,  # allowed by teacher.allow_untrained
             "_data_fingerprint": record.get("data_fingerprint"),
             "_error": error.get("type"),
             "_source": record.get("_source") or record.get("output_dir") or record.get("run_name"),
@@ -73,7 +82,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "_knobs": tuple(objective.get("knobs") or ()),
         })
     frame = pd.DataFrame(rows, columns=["_kind", "_status", "_seed", "_config", "_choices", "_metrics",
-                                        "_teacher_hash", "_teacher_acc", "_data_fingerprint", "_error",
+                                        "_teacher_hash", "_teacher_acc", "_teacher_weak", "_data_fingerprint", "_error",
                                         "_source", "_time", "_objective", "_knobs"])
     return frame.assign(_teacher_acc=pd.to_numeric(frame["_teacher_acc"], errors="coerce"))
 

@@ -9,12 +9,13 @@ from typing import Any
 from kdexp.records import RECORD_NAME, read_record
 from kdexp.report import wandb_runs
 from kdexp.report.errors import ReportError
-from kdexp.report.runs import is_student_record
+from kdexp.report.runs import is_student_record, missing_fields
 from kdexp.vocabulary import ARCHIVE_DIR
 
 
 def records_from_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every readable record below ``folder`` (or the record file itself), and notes on unreadable ones.
+    """Every readable record below ``folder`` (or the record file itself), and notes on the files
+    skipped: unreadable ones, and JSON that parses but lacks a run record's fields.
 
     Runs moved aside by a rerun (``archive/`` inside a run folder: ``if_finished=rerun``,
     ``kdexp sweep --force``) are superseded and left out.
@@ -36,6 +37,11 @@ def records_from_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[
         record = read_record(path.parent)
         if not isinstance(record, dict):
             notes.append(f"unreadable record skipped: {path}")
+            continue
+        lacking = missing_fields(record) if is_student_record(record) else []
+        if lacking:
+            notes.append(f"record without a run's {' and '.join(lacking)} skipped: {path} (it holds only "
+                         f"{', '.join(sorted(record)) or 'nothing'})")
             continue
         record["_source"] = str(path.parent)
         records.append(record)

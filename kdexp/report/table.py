@@ -4,7 +4,7 @@ A cell is one combination of axis values: mean ± sample std of the metric over 
 seeds of its finished runs, with n and the failed runs counted beside it. Reference
 cells: the CE-only baseline (one per value of the axes it has, e.g. per student
 width) and the teacher. Every KD cell also gets its difference to the baseline with
-the same student (Welch) and, where seeds match, the paired gain with its t test.
+the same student (Welch) and, where seeds match, the paired difference with its t test.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pandas as pd
 from kdexp.report.runs import RECORD_FIELDS, is_kd_scoped, is_teacher_side, metric_values
 from kdexp.report.stats import paired_summary, welch_se
 from kdexp.report.values import format_value, is_missing, sort_key
+from kdexp.vocabulary import teacher_metric
 
 KINDS = ("teacher", "baseline", "distill")  # the order rows appear in
 MODES = ("raw", "delta", "paired")
@@ -25,7 +26,7 @@ MODES = ("raw", "delta", "paired")
 DELTA_COLUMNS = ("baseline_mean", "baseline_std", "baseline_n", "delta", "delta_se")
 PAIRED_COLUMNS = ("paired_mean", "paired_std", "paired_n", "paired_t", "paired_p", "paired_ci_low", "paired_ci_high")
 SHOWN = {"raw": "mean", "delta": "delta", "paired": "paired_mean"}  # what KD cells display, per mode
-_LOWER_IS_BETTER = ("ece", "loss", "kl", "nll", "err")
+_LOWER_IS_BETTER = ("ece", "loss", "kl", "nll", "err", "bpb", "ppl")
 
 
 def is_accuracy_metric(metric: str) -> bool:
@@ -54,6 +55,7 @@ class Table:
     split: dict[str, str] = field(default_factory=dict)  # the combination this table is for (--split)
     context: str = ""
     notes: list[str] = field(default_factory=list)
+    teacher_metric: str = "test accuracy"  # what the teacher row shows (see teacher_values)
 
     @property
     def axes(self) -> list[str]:
@@ -90,11 +92,27 @@ def build_table(runs: pd.DataFrame, *, rows: Sequence[str], cols: Sequence[str],
     distill = _with_paired(distill, counted[ok], axes, match)
     distill, baseline = _mark_best(distill, baseline, rows, SHOWN[mode], better, mode == "raw")
 
-    parts = [_teacher_cells(counted, axes)] if "acc" in metric.rsplit("/", 1)[-1] else []
+    reference, reference_name = teacher_values(counted, metric)
+    parts = [_teacher_cells(counted.assign(_teacher_value=reference), axes)] if reference.notna().any() else []
     cells = pd.concat([*parts, baseline, distill], ignore_index=True)
     return Table(metric=metric, rows=rows, cols=cols, cells=_sorted(cells, rows, cols), runs=counted[ok], mode=mode,
                  better=better, split=dict(split or {}), context=describe_context(counted, axes),
-                 notes=_notes(runs, counted, superseded, axes, metric))
+                 notes=_notes(runs, counted, superseded, axes, metric), teacher_metric=reference_name)
+
+
+def teacher_values(runs: pd.DataFrame, metric: str) -> tuple[pd.Series, str]:
+    """Each run's figure for its teacher's reference row, and what that figure is.
+
+    The teacher's own value of ``metric`` where the record has it (``teacher/test_bpb`` for
+    ``test/bpb``: language models record nll, bpb and ppl); for any accuracy metric, the
+    teacher's test accuracy (the figure every student record states); else none (no row).
+    """
+    own = pd.to_numeric(runs["_metrics"].map(lambda m: m.get(teacher_metric(metric))), errors="coerce").astype(float)
+    if own.notna().any():
+        return own, metric
+    if "acc" in metric.rsplit("/", 1)[-1]:
+        return runs["_teacher_acc"].astype(float), "test accuracy"
+    return pd.Series(np.nan, index=runs.index, dtype=float), ""
 
 
 def _complete(distill: pd.DataFrame, rows: list[str], cols: list[str]) -> pd.DataFrame:
@@ -164,14 +182,14 @@ def _mark_best(distill: pd.DataFrame, baseline: pd.DataFrame, rows: list[str], c
 
 
 def _teacher_cells(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """The teacher's test accuracy; one teacher counts once however many students used it."""
-    known = runs[runs["_teacher_acc"].notna()]
+    """The teacher's figure (``_teacher_value``); one teacher counts once however many students used it."""
+    known = runs[runs["_teacher_value"].notna()]
     hashed = known[known["_teacher_hash"].notna()]
-    # by weights hash; only when no run knows its teacher's hash, by the accuracy itself
-    teachers = hashed.drop_duplicates("_teacher_hash") if len(hashed) else known.drop_duplicates("_teacher_acc")
+    # by weights hash; only when no run knows its teacher's hash, by the value itself
+    teachers = hashed.drop_duplicates("_teacher_hash") if len(hashed) else known.drop_duplicates("_teacher_value")
     side = [a for a in axes if is_teacher_side(a) or a in RECORD_FIELDS]
     cells = (teachers.assign(_one=0).groupby(["_one", *side], dropna=False, sort=False)
-             .agg(mean=("_teacher_acc", "mean"), std=("_teacher_acc", "std"), n=("_teacher_acc", "count"))
+             .agg(mean=("_teacher_value", "mean"), std=("_teacher_value", "std"), n=("_teacher_value", "count"))
              .reset_index().drop(columns="_one"))
     return cells.assign(_kind="teacher", n_failed=0, n_running=0, seeds="", best=False)
 
@@ -242,6 +260,11 @@ def _notes(runs: pd.DataFrame, counted: pd.DataFrame, superseded: pd.Index, axes
                      + "; ".join(str(s) for s in dup["_source"].head(3)) + ("; …" if len(dup) > 3 else ""))
     if not counted["_kind"].eq("baseline").any():
         notes.append("no CE-only baseline (kd=none) among these runs: run one per student to get the reference row.")
+    weak = counted[counted["_teacher_weak"].eq(True)]
+    if not weak.empty:  # e.g. debug=fast, whose one-epoch teachers may be no better than guessing
+        notes.append(f"{len(weak)} run(s) distilled from a teacher no better than chance (teacher.allow_untrained; "
+                     "their records say teacher.better_than_chance: false): "
+                     + "; ".join(str(s) for s in weak["_source"].head(3)) + ("; …" if len(weak) > 3 else ""))
     return notes
 
 
