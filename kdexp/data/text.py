@@ -61,7 +61,7 @@ class StdlibTextDataModule(InMemoryDataModule):
     supported_tasks = ("causal_lm",)
 
     def __init__(self, num_classes: int = 256, input_shape: Sequence[int] = (128,), max_train_bytes: int = 2_000_000,
-                 max_eval_bytes: int = 200_000, val_percent: int = 5, test_percent: int = 5,
+                 max_eval_bytes: int = 100_000, val_percent: int = 5, test_percent: int = 5,
                  root: str | None = None, **kwargs) -> None:
         kwargs.pop("cache_dir", None)
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
