@@ -35,8 +35,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from kdexp.errors import RunBusyError, RunExistsError
-from kdexp.files import storage_error
+from kdexp.errors import CheckpointError, RunBusyError, RunExistsError
+from kdexp.files import storage_error, weights_file_problem
 from kdexp.records import RECORD_NAME, read_record
 from kdexp.vocabulary import ARCHIVE_DIR, run_identity
 
@@ -180,9 +180,6 @@ def refuse_unreadable_checkpoints(folder: Path) -> None:
     Training continues from ``last.ckpt`` but tests at ``best.ckpt`` only after the remaining
     epochs; a file that would run code, or a truncated one, is found now rather than after them.
     """
-    from kdexp.errors import CheckpointError
-    from kdexp.files import weights_file_problem
-
     for path in sorted((folder / LAST_CHECKPOINT.parent).glob("*.ckpt")):
         problem = weights_file_problem(path)
         if problem:
