@@ -12,7 +12,6 @@ import netrc
 import os
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
-WANDB_RUN_RELEASE_WAIT_S = 120  # how long a resumed run waits for a killed process's W&B service to let go
+WANDB_SERVICE_ENV = "WANDB_SERVICE"  # where W&B tells child processes how to reach its service
 WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run goes offline (W&B's default: 90)
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
@@ -158,10 +157,11 @@ def wandb_logger(
         logger.experiment  # start the run now, so a failure to start is handled here, not mid-fit  # noqa: B018
         return logger
 
+    own_wandb_service()
     if resolved != "online":
-        return started_when_free(make, resolved, run_id)
+        return make(resolved)
     try:
-        return started_when_free(make, "online", run_id)
+        return make("online")
     except Exception as err:  # a rejected key, a server error, a timeout: never the end of the run
         log.warning("W&B could not start an online run (%s: %s): logging this run offline instead; upload it "
                     "later with `wandb sync`.", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
@@ -169,26 +169,22 @@ def wandb_logger(
         return make("offline")
 
 
-def started_when_free(make: Any, mode: str, run_id: str | None) -> Any:
-    """``make(mode)``, waiting while a killed earlier process of this run still holds its W&B run.
+def own_wandb_service() -> None:
+    """Let this process's W&B runs live in a W&B service of its own, not one inherited from a parent.
 
-    A run killed with SIGKILL leaves its ``wandb-core`` service behind; it keeps the run's files
-    open until it notices its parent is gone (seconds, longer on a loaded machine), and meanwhile
-    W&B refuses the resumed run with "run ID ... is in use".
+    W&B hands its service to child processes through ``WANDB_SERVICE`` (a notebook, a launcher or a
+    test that logged a run itself, then started kdexp). A run killed with SIGKILL never tells that
+    shared service it ended, so the service keeps the run id "in use" as long as the parent lives,
+    and the resumed run is refused. A private service dies with the process that started it.
     """
-    deadline = time.monotonic() + WANDB_RUN_RELEASE_WAIT_S
-    announced = False
-    while True:
-        try:
-            return make(mode)
-        except Exception as err:
-            if not run_id or "is in use" not in str(err) or time.monotonic() > deadline:
-                raise
-            finish_wandb(exit_code=1)
-            if not announced:
-                log.info("Waiting for the killed earlier process of this run to release W&B run %s ...", run_id)
-                announced = True
-            time.sleep(1.0)
+    token = os.environ.get(WANDB_SERVICE_ENV, "")
+    parts = token.split("-")  # W&B's token: "<version>-<pid of the process that started it>-<transport>-..."
+    if not token or (len(parts) > 1 and parts[1] == str(os.getpid())):
+        return
+    del os.environ[WANDB_SERVICE_ENV]
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is None:
+        wandb.teardown()  # drops a connection to the inherited service (never stops it: this process does not own it)
 
 
 class WandbRun:

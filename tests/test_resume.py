@@ -34,12 +34,27 @@ def uninterrupted(tmp_path_factory):
     return base, load_record(base / "whole")
 
 
+@pytest.fixture
+def parent_wandb_service():
+    """A W&B service started by this (the parent) process; W&B hands it to child processes through
+    ``WANDB_SERVICE``, as it does under a notebook or any launcher that logged a run itself."""
+    import wandb
+
+    wandb.setup()
+    assert os.environ.get("WANDB_SERVICE"), "W&B no longer hands its service to children through WANDB_SERVICE"
+    yield
+    wandb.teardown()
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.mark.parametrize("stop, exit_code, status", [
     ("SIGKILL", -9, "running"), ("SIGTERM", 130, "interrupted"),
     pytest.param("SIGUSR1", 130, "interrupted", marks=pytest.mark.slow),  # the SIGTERM path, entered by SIGUSR1
 ])
-def test_a_killed_run_resumes_to_the_same_result(uninterrupted, stop, exit_code, status):
+def test_a_killed_run_resumes_to_the_same_result(uninterrupted, stop, exit_code, status, request):
     base, whole = uninterrupted
+    if stop == "SIGKILL":  # killed under a parent's W&B service, which outlives the killed run's W&B run
+        request.getfixturevalue("parent_wandb_service")
     folder = base / stop
     args = [*RUN, f"hydra.run.dir={folder}"]
     killed = run_cli(args, base / "cache", extra_env={"KDEXP_TEST_STOP_AT": f"2:5:{stop}"})
