@@ -1,6 +1,6 @@
 """kdexp: knowledge-distillation experiments with Hydra, Lightning and Weights & Biases."""
 
-from kdexp.config import register_resolvers
+from kdexp.core.config import register_resolvers
 
 __version__ = "0.1.0"
 

@@ -79,7 +79,7 @@ def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, 
     """Training-batch time of each epoch of a real kdexp fit (the run's trainer config, no logger)."""
     import pytorch_lightning as pl
 
-    from kdexp.config import instantiate
+    from kdexp.core.config import instantiate
     from kdexp.data.lightning import for_trainer
     from kdexp.fitting import build_trainer
     from kdexp.modules import DistillationModule
@@ -114,7 +114,7 @@ def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool
     import torch
     import torch.nn.functional as F
 
-    from kdexp.config import instantiate
+    from kdexp.core.config import instantiate
     from kdexp.data.batches import IndexBatches
 
     torch.manual_seed(1)
@@ -144,11 +144,10 @@ def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool
 
 def bench_setup(overrides: list[str]):
     """The composed config (no logger), its data (set up, threads pinned) and its teacher."""
-    from kdexp.config import instantiate
+    from kdexp.core.config import compose_run, instantiate
     from kdexp.pipeline import apply_num_threads, get_teacher
-    from kdexp.predict import compose
 
-    cfg = compose([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
+    cfg = compose_run([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
     apply_num_threads(cfg.get("num_threads"))
     datamodule = instantiate(cfg.data, what="data")
     datamodule.setup()
@@ -192,7 +191,7 @@ def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: i
 def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, topk: int) -> dict[str, Any]:
     """Epoch time of the configured objective with the teacher online, from full cached logits and from
     a top-``topk`` cache (medians of interleaved repeats), and the disk bytes per position of each file."""
-    from kdexp.config import instantiate, objective_node
+    from kdexp.core.config import instantiate, objective_node
     from kdexp.teacher_source import teacher_output_identity
     from kdexp.teacher_outputs import compute_store, read_store, save_store
 
@@ -223,7 +222,7 @@ def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, t
 def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeats: int, epochs: int
                ) -> list[dict[str, Any]]:
     """Median epoch time of N students trained together (packed) and of one kdexp student (cached KD)."""
-    from kdexp.config import instantiate
+    from kdexp.core.config import instantiate
     from kdexp.objectives import HintonKD
     from kdexp.packed import StudentPack, train_epoch
     from kdexp.seeding import seed_everything
@@ -428,7 +427,7 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from kdexp.console import configure_console
+    from kdexp.core.console import configure_console
 
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)  # the tables, not Lightning's per-fit banners

@@ -25,10 +25,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.config import objective_node, to_plain
-from kdexp.errors import ConfigError
-from kdexp.train import CONF_DIR as _CONF_DIR
-from kdexp.vocabulary import canonical_json
+from kdexp.core.config import CONF_DIR as _CONF_DIR
+from kdexp.core.config import objective_node, to_plain
+from kdexp.core.errors import ConfigError
+from kdexp.core.vocabulary import canonical_json
 
 CONF_DIR = Path(_CONF_DIR)
 # Settings that do not change what a stage learns (kept out of its key).

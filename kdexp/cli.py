@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdexp.errors import KdexpError
+from kdexp.core.errors import KdexpError
 
 USAGE = """kdexp <command> [args]
 
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``kdexp`` console command: :func:`main`, then a prompt exit (:mod:`kdexp.processes`)."""
-    from kdexp.processes import run_then_exit
+    """The ``kdexp`` console command: :func:`main`, then a prompt exit (:mod:`kdexp.core.processes`)."""
+    from kdexp.core.processes import run_then_exit
 
     run_then_exit(main)
 

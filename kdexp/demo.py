@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from kdexp.records import RECORD_NAME
+from kdexp.core.records import RECORD_NAME
 from kdexp.sweep import collect
-from kdexp.vocabulary import TEST_ACC
+from kdexp.core.vocabulary import TEST_ACC
 
 
 def _pct(value: float | None) -> str:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from kdexp.config import instantiate
-    from kdexp.records import read_record
+    from kdexp.core.config import instantiate
+    from kdexp.core.records import read_record
     from kdexp.teacher import CheckpointRole, load_teacher_weights, weights_hash
 
     args = parser().parse_args(argv)

@@ -17,12 +17,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from kdexp.config import instantiate
-from kdexp.console import quiet_lightning
+from kdexp.core.config import instantiate
+from kdexp.core.console import quiet_lightning
 from kdexp.data.lightning import for_trainer
-from kdexp.errors import ConfigError, RunInterrupted
-from kdexp.files import load_weights
-from kdexp.records import RunRecorder
+from kdexp.core.errors import ConfigError, RunInterrupted
+from kdexp.core.files import load_weights
+from kdexp.core.records import RunRecorder
 
 if TYPE_CHECKING:
     from kdexp.data.base import InMemoryDataModule

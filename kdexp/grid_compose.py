@@ -7,7 +7,7 @@ job config (:func:`kdexp.packed_runs.load_sweep_jobs`). Hydra's composition is p
 sweep meanwhile imports torch, and for packs what its workers will need (W&B, torch._dynamo):
 3–4 s there.
 
-So on Linux (:func:`kdexp.processes.can_fork`) the sweep forks, before it imports torch, two
+So on Linux (:func:`kdexp.core.processes.can_fork`) the sweep forks, before it imports torch, two
 helpers that compose half the points each; the configs come back pickled through a pipe. For
 packs each point is composed once, as its multirun job, and checked as that job's task config
 (:func:`check_config`). The calls are Hydra's own and the configs are the same; only the
@@ -26,7 +26,8 @@ from typing import Any
 
 from omegaconf import open_dict, read_write
 
-from kdexp.processes import can_fork
+from kdexp.core.config import conf_initialized
+from kdexp.core.processes import can_fork
 
 log = logging.getLogger("kdexp")
 GridPoint = tuple[str, ...]  # sorted "key=value" overrides of one run (as in kdexp.sweep)
@@ -61,26 +62,19 @@ def choices_of(point: GridPoint) -> dict[str, str]:
 
 def compose_for_check(points: list[GridPoint]) -> list[Any]:
     """Each point as a single run composes it (``paths`` pinned to ``.``), with its group choices."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kdexp.train import CONF_DIR
+    from hydra import compose
 
     out: list[Any] = []
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            for point in points:
-                try:
-                    cfg = compose("train", overrides=[*point, "paths.root_dir=.", "paths.output_dir=."],
-                                  return_hydra_config=False)
-                    with open_dict(cfg):
-                        cfg.choices = choices_of(point)
-                    out.append(cfg)
-                except Exception as err:  # noqa: BLE001 - Hydra's composition errors, listed by check_points
-                    out.append(problem_message(err))
-    finally:
-        GlobalHydra.instance().clear()
+    with conf_initialized():
+        for point in points:
+            try:
+                cfg = compose("train", overrides=[*point, "paths.root_dir=.", "paths.output_dir=."],
+                              return_hydra_config=False)
+                with open_dict(cfg):
+                    cfg.choices = choices_of(point)
+                out.append(cfg)
+            except Exception as err:  # noqa: BLE001 - Hydra's composition errors, listed by check_points
+                out.append(problem_message(err))
     return out
 
 
@@ -162,7 +156,7 @@ class Helper:
 
 
 class ComposeAhead:
-    """:func:`compose_grid` started now in forked helpers (where :func:`~kdexp.processes.can_fork`),
+    """:func:`compose_grid` started now in forked helpers (where :func:`~kdexp.core.processes.can_fork`),
     each composing a share of the points, so that on two cores they take half as long; :meth:`result`
     waits for them. Start it before importing torch: the helpers fork a process that has imported
     no torch, and compose while this one imports. A share whose helper gives nothing is composed here."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
-from kdexp.errors import NonFiniteLossError
+from kdexp.core.errors import NonFiniteLossError
 from kdexp.metrics import EvalMetrics, settings_in_force
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
@@ -24,7 +24,7 @@ from kdexp.objectives.base import DistillationObjective, ModelOutputs, at_least_
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
 from kdexp.schedules import Schedule
 from kdexp.teacher_outputs import TeacherOutputStore, as_teacher_input
-from kdexp.vocabulary import VAL_ACC
+from kdexp.core.vocabulary import VAL_ACC
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]

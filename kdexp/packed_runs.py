@@ -17,7 +17,7 @@ single run writes.
 
 Nothing here imports Lightning (4 s of every pack worker's start otherwise): data modules are
 plain classes, metrics are :mod:`kdexp.metrics`, seeding is :mod:`kdexp.seeding`, and W&B runs
-are written through :class:`kdexp.tracking.WandbRun`; only a logger other than kdexp's W&B one
+are written through :class:`kdexp.core.tracking.WandbRun`; only a logger other than kdexp's W&B one
 (``logger=csv``, a user's) brings Lightning in, as its logger.
 
 A pack that is killed leaves no ``last.ckpt``: a re-run archives its members' unfinished
@@ -40,8 +40,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from kdexp.errors import KdexpError, NonFiniteLossError, RunInterrupted
-from kdexp.records import read_record
+from kdexp.core.config import conf_initialized
+from kdexp.core.errors import KdexpError, NonFiniteLossError, RunInterrupted
+from kdexp.core.records import read_record
 
 log = logging.getLogger("kdexp")
 
@@ -64,21 +65,14 @@ def load_sweep_jobs(sweep_dir: Path, jobs: list[list[str]], hydra_overrides: lis
                     ) -> list[DictConfig]:
     """Hydra's own composition of each job (``load_sweep_config`` on the multirun's master config): the
     costly part of :func:`job_configs`, about 0.3 s a job, which a sweep does ahead in a helper process."""
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from kdexp.train import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            loader = GlobalHydra.instance().config_loader()
-            master = loader.load_configuration("train", [f"hydra.sweep.dir={sweep_dir}", *(hydra_overrides or [])],
-                                               run_mode=RunMode.MULTIRUN)
-            return [loader.load_sweep_config(master, list(overrides)) for overrides in jobs]
-    finally:
-        GlobalHydra.instance().clear()
+    with conf_initialized():
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", [f"hydra.sweep.dir={sweep_dir}", *(hydra_overrides or [])],
+                                           run_mode=RunMode.MULTIRUN)
+        return [loader.load_sweep_config(master, list(overrides)) for overrides in jobs]
 
 
 def pack_jobs(loaded: list[DictConfig]) -> list[JobConfig]:
@@ -141,8 +135,8 @@ def claim_members(jobs: list[JobConfig], if_finished: str, resume: bool = True) 
     with a checkpoint is left for the single-run pass, which resumes it; a config that fails
     validation gets its failed record, as a single run's would.
     """
-    from kdexp.config import to_plain
-    from kdexp.errors import ConfigError
+    from kdexp.core.config import to_plain
+    from kdexp.core.errors import ConfigError
     from kdexp.pipeline import base_record, with_runtime
     from kdexp.run_folder import claim_run_folder
     from kdexp.train import AnnouncingRecorder, record_rejected_config, write_hydra_files
@@ -182,7 +176,7 @@ def member_checkpoint(snapshot: Any, steps_per_epoch: int, optimizer_state: dict
     the snapshot, and the metrics of that epoch. ``last.ckpt`` also holds the member's optimiser state."""
     import torch
 
-    from kdexp.records import library_versions
+    from kdexp.core.records import library_versions
 
     state = {f"model.{name}": tensor for name, tensor in snapshot.weights.items()}
     state["val_acc_best.max_value"] = torch.tensor(snapshot.metrics["val/acc_best"])
@@ -199,7 +193,7 @@ def member_checkpoint(snapshot: Any, steps_per_epoch: int, optimizer_state: dict
 def replay_history(logger: Any, outcome: Any, steps_per_epoch: int, teacher_test_acc: float) -> None:
     """Log a member's history as its single run's Lightning logger logs it: the teacher's accuracy at
     step 0, each epoch's ``val/*`` and ``train/*`` at the epoch's last step, the test metrics at the end."""
-    from kdexp.vocabulary import TEACHER_TEST_ACC
+    from kdexp.core.vocabulary import TEACHER_TEST_ACC
 
     logger.log_metrics({TEACHER_TEST_ACC: teacher_test_acc}, step=0)
     for entry in outcome.history:
@@ -241,16 +235,16 @@ def train_members(members: list[Member]) -> None:
 
 
 def _train_members(members: list[Member]) -> None:
-    from kdexp.config import instantiate, objective_node
-    from kdexp.errors import ConfigError
+    from kdexp.core.config import instantiate, objective_node
+    from kdexp.core.errors import ConfigError
     from kdexp.models.zoo import count_parameters
     from kdexp.packed import early_stopping_of, test_pack, train_pack
     from kdexp.pipeline import (apply_num_threads, data_sizes, get_teacher, majority_share, objective_label,
                                 require_better_than_chance, run_name_for, student_wandb_config, teacher_fields)
-    from kdexp.records import PartTimer
+    from kdexp.core.records import PartTimer
     from kdexp.seeding import seed_everything
     from kdexp.teacher_source import get_teacher_outputs
-    from kdexp.tracking import packages_listed_once
+    from kdexp.core.tracking import packages_listed_once
 
     base = members[0].cfg
     shared = PartTimer()  # the parts the members share: each member's timings_s holds them
@@ -309,9 +303,9 @@ def _train_members(members: list[Member]) -> None:
 def write_member(member: Member, outcome: Any, steps_per_epoch: int, shared_seconds: dict[str, float],
                  teacher_test_acc: float) -> None:
     """A trained member's checkpoints, W&B run (its history replayed) and finished (or failed) record."""
-    from kdexp.files import atomic_torch_save
+    from kdexp.core.files import atomic_torch_save
     from kdexp.pipeline import build_logger, checkpoint_files
-    from kdexp.tracking import finish_wandb, wandb_run_info
+    from kdexp.core.tracking import finish_wandb, wandb_run_info
     from kdexp.train import announce_finished
 
     recorder = member.recorder
@@ -383,7 +377,7 @@ PACK_GLOB = "pack-*.json"
 def write_queue(queue: Path, packs: list[dict[str, Any]]) -> list[Path]:
     """One JSON file per pack (``sweep_dir``, ``jobs``: each member's overrides, ``if_finished``,
     ``hydra_overrides``), taken by workers in name order."""
-    from kdexp.files import atomic_write_text
+    from kdexp.core.files import atomic_write_text
 
     return [atomic_write_text(queue / f"pack-{i:04d}.json", json.dumps(pack, indent=1), what="pack")
             for i, pack in enumerate(packs)]
@@ -409,7 +403,7 @@ def work(queue: Path, composed: dict[str, list[DictConfig]] | None = None) -> in
     ``composed``: the members' Hydra configs (:func:`load_sweep_jobs`) by pack file name, composed
     ahead by the sweep that forked this worker; a pack not in it is composed here.
     """
-    from kdexp.console import ConsoleFormatter, configure_console
+    from kdexp.core.console import ConsoleFormatter, configure_console
 
     handler = logging.StreamHandler(sys.stderr)  # the same short lines a multirun job prints
     handler.setFormatter(ConsoleFormatter())

@@ -22,24 +22,24 @@ from torch import nn
 
 from kdexp.chain import (assistant_config, chain_of, lineage_entry, route_of, route_tag, stage_file,
                           stage_key, stage_lineage)
-from kdexp.config import choice, choices, instantiate, objective_node, to_plain
+from kdexp.core.config import choice, choices, instantiate, objective_node, to_plain
 from kdexp.data.base import InMemoryDataModule
 from kdexp.data.batches import IndexBatches
-from kdexp.errors import CheckpointError, ConfigError, RunInterrupted
-from kdexp.files import storage_error
+from kdexp.core.errors import CheckpointError, ConfigError, RunInterrupted
+from kdexp.core.files import storage_error
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.models.zoo import count_parameters
 from kdexp.objectives.base import UNLABELLED, DistillationObjective
-from kdexp.records import RunRecorder, read_record, sweep_fields
+from kdexp.core.records import RunRecorder, read_record, sweep_fields
 from kdexp.run_folder import claim_run_folder
 from kdexp.schedules import Schedule
 from kdexp.seeding import seed_everything
-from kdexp.tasks import AUTO, task_of
+from kdexp.core.tasks import AUTO, task_of
 from kdexp.teacher import (INIT_FILE_ROLE, CheckpointRole, Teacher, load_teacher_weights, provision_teacher,
                            teacher_cache_key, weights_hash)
 from kdexp.teacher_source import get_teacher_outputs, read_predictions, teacher_of_predictions
-from kdexp.tracking import finish_wandb, wandb_run_config, wandb_run_info
-from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST, teacher_metric
+from kdexp.core.tracking import finish_wandb, wandb_run_config, wandb_run_info
+from kdexp.core.vocabulary import TEACHER_TEST_ACC, TEST_ACC, VAL_ACC_BEST, teacher_metric
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
                  run_id: str | None = None, objective_name: str = "ce", lightning: bool = True) -> Any:
     """The configured experiment logger, a Lightning ``Logger`` (``logger=none`` gives None); ``run_id``
     continues that W&B run. ``lightning=False``: kdexp's W&B logger gives its run as a
-    :class:`~kdexp.tracking.WandbRun`, without importing Lightning (other loggers are Lightning's).
+    :class:`~kdexp.core.tracking.WandbRun`, without importing Lightning (other loggers are Lightning's).
 
     Tags name the objective actually used (``objective_name``), not the ``kd`` option it
     was composed from: a plug-in set with ``kd._target_=...`` is tagged as itself.
@@ -99,7 +99,7 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
                          *cfg.get("tags", []), *cfg.logger.tags]
     if run_id:
         extra["run_id"] = run_id
-    if not lightning and cfg.logger.get("_target_") == "kdexp.tracking.wandb_logger":
+    if not lightning and cfg.logger.get("_target_") == "kdexp.core.tracking.wandb_logger":
         extra["lightning"] = False
     return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
-from kdexp.errors import ConfigError
+from kdexp.core.config import compose_run
+from kdexp.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +40,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def compose(overrides: list[str], output_dir: Path):
-    """The run config for ``overrides``, composed as ``kdexp train`` would (outside a Hydra app)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from kdexp.train import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return hydra_compose("train", overrides=[*overrides, f"paths.root_dir={os.getcwd()}",
-                                                     f"paths.output_dir={output_dir}"])
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def main(argv: list[str]) -> int:
-    from kdexp.config import instantiate, objective_node
+    from kdexp.core.config import instantiate, objective_node
     from kdexp.pipeline import apply_num_threads, get_teachers
     from kdexp.teacher_source import CACHE_MAX_MB, outputs_megabytes, teacher_output_identity
     from kdexp.teacher_outputs import compute_store, save_store
     from kdexp.validation import validate_config
 
-    from kdexp.console import configure_console
+    from kdexp.core.console import configure_console
 
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)
     out = args.out.resolve()
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists and is never overwritten; choose another --out or pass --force.")
-    cfg = compose(args.overrides, out.parent)
+    cfg = compose_run(args.overrides, out.parent)
     validate_config(cfg)
     apply_num_threads(cfg.get("num_threads"))
     datamodule = instantiate(cfg.data, what="data")

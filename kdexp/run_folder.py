@@ -35,10 +35,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from kdexp.errors import CheckpointError, RunBusyError, RunExistsError
-from kdexp.files import storage_error, weights_file_problem
-from kdexp.records import RECORD_NAME, read_record
-from kdexp.vocabulary import ARCHIVE_DIR, run_identity
+from kdexp.core.errors import CheckpointError, RunBusyError, RunExistsError
+from kdexp.core.files import storage_error, weights_file_problem
+from kdexp.core.records import RECORD_NAME, read_record
+from kdexp.core.vocabulary import ARCHIVE_DIR, run_identity
 
 log = logging.getLogger(__name__)
 

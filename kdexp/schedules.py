@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 
 
 class Schedule:

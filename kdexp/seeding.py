@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 
 
 def seed_everything(seed: int) -> int:

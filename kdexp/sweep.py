@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from kdexp.errors import ConfigError, KdexpError
+from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
-from kdexp.processes import can_fork, die_with_parent
-from kdexp.records import RECORD_NAME, SWEEP_ID_ENV, read_record
+from kdexp.core.processes import can_fork, die_with_parent
+from kdexp.core.records import RECORD_NAME, SWEEP_ID_ENV, read_record
 
 
 @dataclass
@@ -371,7 +371,7 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
                 points[i] for pack in plan.packs for i in pack
                 if records.get(points[i], (None, {}))[1].get("status") not in ("finished", "failed")]
             if left:
-                from kdexp.files import atomic_write_text
+                from kdexp.core.files import atomic_write_text
 
                 selection = sweep_dir / f".selection-{os.getpid()}.json"
                 atomic_write_text(selection, json.dumps([list(point) for point in left]), what="sweep selection")
@@ -571,7 +571,7 @@ def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:
 
 def create_wandb_sweep(spec: SweepSpec, overrides: list[str], project: str, entity: str | None) -> str:
     """Create the sweep on the W&B server and return ``entity/project/id``."""
-    from kdexp.tracking import resolve_wandb_mode
+    from kdexp.core.tracking import resolve_wandb_mode
 
     mode, reason = resolve_wandb_mode("auto")
     if mode != "online":

@@ -19,9 +19,9 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from kdexp.errors import CheckpointError
-from kdexp.files import atomic_torch_save, load_weights, storage_error
-from kdexp.vocabulary import canonical_json
+from kdexp.core.errors import CheckpointError
+from kdexp.core.files import atomic_torch_save, load_weights, storage_error
+from kdexp.core.vocabulary import canonical_json
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from kdexp.chain import lineage_entry
-from kdexp.config import choice, to_plain
+from kdexp.core.config import choice, to_plain
 from kdexp.data.base import InMemoryDataModule
-from kdexp.errors import CheckpointError, ConfigError
+from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.objectives.base import DistillationObjective
 from kdexp.teacher import Teacher
 from kdexp.teacher_outputs import (OutputsMismatchError, TeacherOutputStore, cached_store, compute_store,

@@ -27,18 +27,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import kdexp  # noqa: F401  (registers the config resolvers)
-from kdexp.config import to_plain
-from kdexp.console import configure_console
-from kdexp.errors import ConfigError, KdexpError, RunInterrupted
-from kdexp.files import atomic_write_text
-from kdexp.records import RECORD_NAME, RunRecorder, read_record
+from kdexp.core.config import CONF_DIR, to_plain
+from kdexp.core.console import configure_console
+from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
+from kdexp.core.files import atomic_write_text
+from kdexp.core.records import RECORD_NAME, RunRecorder, read_record
 from kdexp.run_folder import claim_run_folder, lock_folder
 from kdexp.sweep import left_to_packs
-from kdexp.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
+from kdexp.core.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
 
 log = logging.getLogger("kdexp")
-# An absolute path, so the console scripts find conf/ from any working directory.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 _task_started = False  # Hydra exits 1 both for its own config errors and for crashes; this tells them apart
 
@@ -197,7 +195,7 @@ def prepare_output_dirs(argv: list[str]) -> None:
     Hydra creates the folder itself before any kdexp code runs, and an unwritable
     place would end in its raw PermissionError traceback.
     """
-    from kdexp.files import storage_error
+    from kdexp.core.files import storage_error
 
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -222,8 +220,8 @@ def main() -> None:
 
 def entry() -> None:
     """The ``kdexp-train`` command and ``python -m kdexp.train``: :func:`main`, then a prompt exit
-    (:mod:`kdexp.processes`); a multirun's main process ends this way too."""
-    from kdexp.processes import run_then_exit
+    (:mod:`kdexp.core.processes`); a multirun's main process ends this way too."""
+    from kdexp.core.processes import run_then_exit
 
     run_then_exit(main)
 

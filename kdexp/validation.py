@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.config import instantiate, objective_node
-from kdexp.errors import ConfigError, KdexpError
+from kdexp.core.config import instantiate, objective_node
+from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.models.features import tap_points
-from kdexp.tasks import task_of
+from kdexp.core.tasks import task_of
 
 _UNSET = object()
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import PLUGINS, ROOT
-from kdexp.records import RECORD_NAME
+from kdexp.core.records import RECORD_NAME
 
 FAST = ["experiment=digits_smoke", "logger=none", "teacher.max_epochs=1", "trainer.max_epochs=1"]
 
@@ -139,8 +139,8 @@ def test_a_plugin_loading_a_pickle_that_runs_code_never_passes_on_torchs_unsafe_
     advises ``weights_only=False``; kdexp says the file would run code and was not loaded."""
     import torch
 
-    from kdexp.config import instantiate
-    from kdexp.errors import CheckpointError
+    from kdexp.core.config import instantiate
+    from kdexp.core.errors import CheckpointError
 
     marker = tmp_path / "code-ran"
     torch.save({"w": _RunsCode(marker)}, tmp_path / "weights.pt")

@@ -19,10 +19,10 @@ import torch
 from torch.nn import functional as F
 
 from conftest import compose_config
-from kdexp.config import instantiate, objective_node
+from kdexp.core.config import instantiate, objective_node
 from kdexp.data import IndexBatches, TorchvisionDataModule
 from kdexp.data.vision import random_crop_flip
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models import FeatureHooks, count_parameters
 from kdexp.models import cifar
 

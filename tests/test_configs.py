@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import CONF_DIR, compose_config
-from kdexp.config import instantiate, objective_node
-from kdexp.errors import ConfigError
-from kdexp.tasks import task_of
+from kdexp.core.config import instantiate, objective_node
+from kdexp.core.errors import ConfigError
+from kdexp.core.tasks import task_of
 from kdexp.train import run
 
 # Options that compose with the MNIST-1D defaults as they are; every other data, teacher

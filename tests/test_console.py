@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from conftest import DIGITS_FAST, load_record, path_with_fake_srun, run_cli
-from kdexp.console import LEAFSPEC_WARNING, ConsoleFormatter, LauncherLineFilter, configure_console, wandb_settings
+from kdexp.core.console import LEAFSPEC_WARNING, ConsoleFormatter, LauncherLineFilter, configure_console, wandb_settings
 
 # What Lightning and W&B print by themselves; none of it belongs on a default console.
 LIBRARY_NOISE = ("wandb: Run history", "Tracking run with wandb", "syncing is set to `offline`", "wandb:",

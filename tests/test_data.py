@@ -10,7 +10,7 @@ import torch
 
 from kdexp.data import DigitsDataModule, IndexBatches, MNIST1DDataModule, MNIST5kDataModule, TorchvisionDataModule
 from kdexp.data.base import stratified_holdout
-from kdexp.errors import ConfigError, DataUnavailableError
+from kdexp.core.errors import ConfigError, DataUnavailableError
 
 
 def test_stratified_holdout_is_disjoint_complete_and_seeded():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import DIGITS_FAST, load_record, run_cli
-from kdexp.errors import CheckpointError, StorageError
-from kdexp.files import atomic_write_text, load_weights
+from kdexp.core.errors import CheckpointError, StorageError
+from kdexp.core.files import atomic_write_text, load_weights
 
 FAST = [*DIGITS_FAST, "logger=none"]
 
@@ -99,7 +99,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         tmp.write_text("half")
         raise Boom
 
-    from kdexp.files import atomic_write
+    from kdexp.core.files import atomic_write
 
     with pytest.raises(Boom):
         atomic_write(target, failing)
@@ -180,7 +180,7 @@ def test_a_read_only_output_folder_is_explained(tmp_path):
 def test_storage_errors_say_what_and_how(tmp_path):
     import errno
 
-    from kdexp.files import storage_error
+    from kdexp.core.files import storage_error
 
     full = storage_error(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x", "run record")
     assert isinstance(full, StorageError) and "the disk is full" in str(full) and "Nothing half-written" in str(full)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_config, load_record, run_cli
 from kdexp.cli import main as cli_main
-from kdexp.errors import CheckpointError, ConfigError
+from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.models.features import FeatureHooks
 from kdexp.models.hf import HFModel, pretrained_identity
 from kdexp.teacher import weights_hash

@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_config
 from kdexp.data.text import SEPARATOR, StdlibTextDataModule, split_of, stdlib_files
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models.gpt import TinyGPT
 from kdexp.objectives.base import UNLABELLED
 from kdexp.pipeline import evaluate_accuracy
@@ -121,7 +121,7 @@ def test_hidden_state_kd_runs_on_the_language_model(tmp_path):
 
 
 def test_fine_tuning_after_distillation_starts_from_the_distilled_student(tmp_path):
-    from kdexp.errors import CheckpointError
+    from kdexp.core.errors import CheckpointError
     from kdexp.teacher import load_teacher_weights, weights_hash
 
     distilled = run(compose_config([*SMALL, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'kd'}"], tmp_path))

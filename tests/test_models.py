@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models import CNN1D, CNN2D, MLP, FeatureHooks, count_parameters
 
 

@@ -11,7 +11,7 @@ import torch
 
 from kdexp.data import DigitsDataModule
 from kdexp.data.lightning import for_trainer
-from kdexp.errors import NonFiniteLossError
+from kdexp.core.errors import NonFiniteLossError
 from kdexp.models import CNN2D, MLP
 from kdexp.modules import DistillationModule, SupervisedModule
 from kdexp.objectives import CrossEntropyOnly, HintonKD

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DIGITS_FAST, load_record, run_cli
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.objectives import HintonKD, ModelOutputs
 from kdexp.objectives.multi_teacher import MultiTeacherKD

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR, compose_config
-from kdexp.config import instantiate, objective_node
+from kdexp.core.config import instantiate, objective_node
 from kdexp.modules import DistillationModule
 from kdexp.objectives import DistillationObjective
 from kdexp.validation import validate_config

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import DIGITS_FAST, compose_config, load_record, run_cli
-from kdexp.config import instantiate
-from kdexp.errors import ConfigError
+from kdexp.core.config import instantiate
+from kdexp.core.errors import ConfigError
 from kdexp.modules import DistillationModule
 from kdexp.schedules import Constant, Cosine, Linear, Step
 from kdexp.validation import validate_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.objectives import CrossEntropyOnly, HintonKD, ModelOutputs, soft_target_kl, total_loss
 
 

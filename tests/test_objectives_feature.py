@@ -14,8 +14,8 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from kdexp.config import instantiate, objective_node
-from kdexp.errors import ConfigError
+from kdexp.core.config import instantiate, objective_node
+from kdexp.core.errors import ConfigError
 from kdexp.models import FeatureHooks
 from kdexp.objectives import ModelOutputs, total_loss
 from kdexp.objectives.attention import AttentionTransfer

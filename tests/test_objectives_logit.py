@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from kdexp.config import instantiate, objective_node
-from kdexp.errors import ConfigError
+from kdexp.core.config import instantiate, objective_node
+from kdexp.core.errors import ConfigError
 from kdexp.models.features import FeatureHooks
 from kdexp.models.linear import Linear
 from kdexp.objectives import ModelOutputs, total_loss

@@ -1,4 +1,4 @@
-"""How a sweep forks its Hydra helper, and how kdexp's commands end (kdexp.grid_compose, kdexp.processes)."""
+"""How a sweep forks its Hydra helper, and how kdexp's commands end (kdexp.grid_compose, kdexp.core.processes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from kdexp.grid_compose import ComposeAhead, JobsToCompose, compose_for_check, compose_grid, split
 from kdexp.packed_runs import job_configs, pack_jobs
-from kdexp.processes import can_fork
+from kdexp.core.processes import can_fork
 
 BASE = ["data=mnist1d", "student=mlp", "kd=hinton", "trainer.max_epochs=1"]
 POINTS = [tuple(sorted([*BASE, f"kd.temperature={t}", f"seed={s}"])) for t in (2, 4) for s in (1, 2)]
@@ -96,7 +96,7 @@ def test_exit_now_runs_what_an_exit_runs_then_ends_with_the_code():
     in that order, as at a normal exit; buffered output is not lost."""
     done = run_python("""
         import atexit, sys, threading, time
-        from kdexp.processes import exit_now
+        from kdexp.core.processes import exit_now
         atexit.register(lambda: print("atexit handler ran", flush=True))
         threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished", flush=True))).start()
         sys.stdout.write("unflushed output")
@@ -109,7 +109,7 @@ def test_exit_now_runs_what_an_exit_runs_then_ends_with_the_code():
 @pytest.mark.parametrize("code, status, stderr", [(None, 0, ""), (0, 0, ""), (2, 2, ""),
                                                   ("kdexp: a message", 1, "kdexp: a message\n")])
 def test_exit_now_reads_its_code_as_sys_exit_does(code, status, stderr):
-    done = run_python(f"from kdexp.processes import exit_now; exit_now({code!r})")
+    done = run_python(f"from kdexp.core.processes import exit_now; exit_now({code!r})")
     assert (done.returncode, done.stderr) == (status, stderr)
 
 

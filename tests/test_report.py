@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from kdexp.records import write_record
+from kdexp.core.records import write_record
 from kdexp.report import ReportError, ReportSpec, make_tables, records_from_wandb_runs
 from kdexp.report.chain import render_chain
 from kdexp.report.cli import main
@@ -73,7 +73,7 @@ def make_record(folder: Path, *, width: int, seed: int, temperature: float | Non
                  "eval_batch_size": 1000, "generator_seed": 42, "input_shape": [40], "num_classes": 10,
                  "shuffle_seed": seed, "split_seed": 0, "val_fraction": 0.1},
         "group": None, "if_finished": "error", "kd": kd,
-        "logger": {"_partial_": True, "_target_": "kdexp.tracking.wandb_logger", "mode": "auto", "project": "kdexp"},
+        "logger": {"_partial_": True, "_target_": "kdexp.core.tracking.wandb_logger", "mode": "auto", "project": "kdexp"},
         "optimizer": {"_partial_": True, "_target_": "torch.optim.Adam", "lr": 0.003, "weight_decay": 0.0},
         "overrides": overrides,
         "paths": {"cache_dir": f"{folder}/cache", "output_dir": str(folder), "root_dir": str(folder.parent)},
@@ -592,7 +592,7 @@ def test_archived_runs_are_left_out(tmp_path, capsys):
 
 def test_default_axes_are_the_objectives_own_knobs(tmp_path, capsys):
     """A DKD sweep (knobs kd.beta, kd.temperature) gets width × β rows and T columns without flags."""
-    from kdexp.records import write_record
+    from kdexp.core.records import write_record
 
     for job, (width, seed, beta) in enumerate((w, s, b) for w in WIDTHS for s in SEEDS for b in (1.0, 8.0)):
         folder = tmp_path / "dkd" / str(job)

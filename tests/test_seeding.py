@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytorch_lightning import seed_everything as lightning_seed_everything
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.seeding import seed_everything
 
 

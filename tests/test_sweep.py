@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, load_record, path_with_fake_srun, records_in, run_cli
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.sweep import grid, load_sweep, wandb_sweep_config
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"

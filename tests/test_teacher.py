@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdexp.errors import CheckpointError
+from kdexp.core.errors import CheckpointError
 from kdexp.models import CNN2D, MLP
 from kdexp.teacher import Teacher, load_teacher_weights, provision_teacher, save_teacher, weights_hash
 

@@ -12,7 +12,7 @@ import torch
 
 from kdexp.cli import main as cli_main
 from kdexp.data import DigitsDataModule
-from kdexp.errors import CheckpointError, ConfigError
+from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.models import CNN2D
 from kdexp.models.ensemble import TeacherEnsemble
 from kdexp.modules import DistillationModule

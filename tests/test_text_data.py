@@ -15,7 +15,7 @@ from kdexp.data.stdlib_topics import PACKAGES, StdlibTopicsDataModule
 from kdexp.data.text import split_of, stdlib_files
 from kdexp.data.text_files import TextFilesDataModule
 from kdexp.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, model_dir_tokenizer_fingerprint
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models.features import FeatureHooks
 from kdexp.models.text_encoder import TextEncoderClassifier
 from kdexp.objectives.base import UNLABELLED

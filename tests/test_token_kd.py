@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.objectives import HintonKD
 from kdexp.objectives.base import UNLABELLED, ModelOutputs
 from kdexp.objectives.token_kd import TokenKD, token_divergence

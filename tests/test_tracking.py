@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from kdexp.errors import ConfigError
-from kdexp.tracking import resolve_wandb_mode
+from kdexp.core.errors import ConfigError
+from kdexp.core.tracking import resolve_wandb_mode
 
 
 @pytest.fixture

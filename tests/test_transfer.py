@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import compose_config
 from kdexp.data import MNIST1DDataModule
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.objectives import HintonKD
 from kdexp.objectives.base import UNLABELLED, ModelOutputs, labelled_cross_entropy
 from kdexp.objectives.hinton import soft_target_kl
@@ -83,7 +83,7 @@ def test_bad_transfer_settings_are_refused_before_training(tmp_path, overrides, 
     with pytest.raises(ConfigError, match=message):
         cfg = compose_config(overrides, tmp_path)
         validate_config(cfg)
-        from kdexp.config import instantiate
+        from kdexp.core.config import instantiate
         instantiate(cfg.data).setup()
 
 

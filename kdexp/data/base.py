@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from kdexp.data.batches import IndexBatches
-from kdexp.errors import ConfigError, require
-from kdexp.tasks import choose_task
+from kdexp.core.errors import ConfigError, require
+from kdexp.core.tasks import UNLABELLED
+from kdexp.core.tasks import choose_task
 
 
 @dataclass
@@ -211,7 +212,7 @@ class InMemoryDataModule:
         self.transfer_set = transfer_set
         self.transfer_size = int(transfer_size or 0)
         self.transfer_seed = transfer_seed
-        self.task = choose_task(task, self.supported_tasks, self.name).name  # see kdexp.tasks
+        self.task = choose_task(task, self.supported_tasks, self.name).name  # see kdexp.core.tasks
         self.input_dtype = input_dtype
         self.labelled_train_size = 0  # training examples with a label; the rest of "train" is the transfer set
         self.splits: dict[str, Split] = {}
@@ -278,7 +279,6 @@ class InMemoryDataModule:
     def _add_transfer_set(self, inputs: np.ndarray) -> None:
         """Append unlabelled inputs (target ``UNLABELLED``) to the training split, after checking
         that none of them is a validation or test input (that would leak the held-out sets)."""
-        from kdexp.objectives.base import UNLABELLED
 
         transfer = self._to_split(inputs, np.full(len(inputs), UNLABELLED, dtype=np.int64))
         held_out = {row.tobytes() for name in ("val", "test") for row in self.splits[name].x.numpy()}

@@ -12,8 +12,8 @@ import numpy as np
 from filelock import FileLock
 
 from kdexp.data.base import GenerationProgress, InMemoryDataModule, RawData, stratified_holdout
-from kdexp.errors import ConfigError, DataUnavailableError
-from kdexp.files import atomic_write, storage_error
+from kdexp.core.errors import ConfigError, DataUnavailableError
+from kdexp.core.files import atomic_write, storage_error
 
 
 class MNIST1DDataModule(InMemoryDataModule):

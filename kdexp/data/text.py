@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kdexp.data.base import InMemoryDataModule, Split
-from kdexp.errors import ConfigError, require
+from kdexp.core.errors import ConfigError, require
 
 SEPARATOR = b"\n\x00\n"  # between files: a byte sequence that never occurs inside source text
 

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdexp.config import to_plain
+from kdexp.core.config import to_plain
 from kdexp.data.base import InMemoryDataModule, Split, stratified_holdout
 from kdexp.data.tokenizer import load_tokenizer
-from kdexp.errors import ConfigError, require
+from kdexp.core.errors import ConfigError, require
+from kdexp.core.tasks import UNLABELLED
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".ndjson": "jsonl"}
 SPLITS = ("train", "val", "test")
@@ -311,7 +312,6 @@ class TextFilesDataModule(InMemoryDataModule):
         return Split(torch.from_numpy(x), torch.from_numpy(labels))
 
     def _language_model(self, table: Table) -> Split:
-        from kdexp.objectives.base import UNLABELLED
 
         length = self.input_shape[0]
         texts = self.tokenizer.encode_batch(self._texts(table, self.text_field))

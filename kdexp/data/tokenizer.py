@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdexp.errors import ConfigError
-from kdexp.huggingface import import_transformers, is_local_path
+from kdexp.core.errors import ConfigError
+from kdexp.core.huggingface import import_transformers, is_local_path
 
 # Files save_pretrained writes for a tokenizer (fast, sentencepiece, WordPiece and BPE ones).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 
 __all__ = [
     "CifarResNet", "CifarVGG", "WideResNet",

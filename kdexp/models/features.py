@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 
 
 def tap_points(model: nn.Module) -> dict[str, str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 
 
 def gpt_init(module: nn.Module) -> None:

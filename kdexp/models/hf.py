@@ -25,9 +25,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdexp.errors import CheckpointError, ConfigError
-from kdexp.files import is_weights_only_refusal, refused_pickle
-from kdexp.huggingface import import_transformers, is_local_path
+from kdexp.core.errors import CheckpointError, ConfigError
+from kdexp.core.files import is_weights_only_refusal, refused_pickle
+from kdexp.core.huggingface import import_transformers, is_local_path
 
 FAMILIES = ("gpt2", "llama", "bert", "distilbert")
 # The hidden state the head reads, per model_type: tap point ``pre_logits`` (as in kdexp's own models).

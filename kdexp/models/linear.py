@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 
 
 class Linear(nn.Module):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 from kdexp.models.gpt import Block, gpt_init
 
 

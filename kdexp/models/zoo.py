@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 
 
 def _check_common(name: str, in_shape: Sequence[int], num_classes: int, width: int) -> tuple[int, ...]:

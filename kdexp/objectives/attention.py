@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import ConfigError, require
+from kdexp.core.errors import ConfigError, require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdexp.core.tasks import UNLABELLED  # noqa: F401 - objectives and their users take it from here too
+
 
 @dataclass
 class ModelOutputs:
@@ -134,9 +136,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# The target of a transfer-set input: no label, only the teacher's outputs (F.cross_entropy's
-# default ignore_index, so an objective that forgot to handle it still never reads it as a class).
-UNLABELLED = -100
 
 
 def labelled_cross_entropy(logits: Tensor, targets: Tensor, **kwargs: Any) -> Tensor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 
 

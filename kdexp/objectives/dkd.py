@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 
 # How far below the row's smallest logit the target logit is pushed for NCKD. The

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdexp.errors import ConfigError, require
+from kdexp.core.errors import ConfigError, require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import UNLABELLED, ModelOutputs, at_least_float32
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 from kdexp.objectives.token_kd import TokenKD

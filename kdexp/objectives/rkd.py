@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 

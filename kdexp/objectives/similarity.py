@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 from kdexp.objectives.taps import layer_lists, tapped_pairs
 

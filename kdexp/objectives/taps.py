@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import DistillationObjective, ModelOutputs
 
 

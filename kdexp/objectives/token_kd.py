@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdexp.errors import require
+from kdexp.core.errors import require
 from kdexp.objectives.base import (UNLABELLED, DistillationObjective, ModelOutputs, at_least_float32,
                                    labelled_cross_entropy)
 

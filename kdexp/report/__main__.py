@@ -2,7 +2,7 @@
 
 import sys
 
-from kdexp.processes import run_then_exit
+from kdexp.core.processes import run_then_exit
 from kdexp.report.cli import main
 
 run_then_exit(lambda: main(sys.argv[1:]))

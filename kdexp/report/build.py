@@ -15,7 +15,7 @@ from kdexp.report.errors import ReportError
 from kdexp.report.runs import (apply_where, check_metric, is_student_record, known_paths, objective_knobs,
                                runs_frame, with_axes)
 from kdexp.report.table import MODES, Table, build_table, default_better
-from kdexp.vocabulary import TEST_ACC
+from kdexp.core.vocabulary import TEST_ACC
 
 DEFAULT_ROWS = ("student.width", "kd.temperature")
 DEFAULT_COLS = ("kd.alpha",)

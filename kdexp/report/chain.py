@@ -19,7 +19,7 @@ from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_student_record
 from kdexp.report.stats import paired_summary
 from kdexp.report.table import default_better
-from kdexp.vocabulary import TEST_ACC
+from kdexp.core.vocabulary import TEST_ACC
 
 CE_ONLY, DIRECT = "CE only", "direct"
 

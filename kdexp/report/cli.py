@@ -11,7 +11,7 @@ from kdexp.report.errors import ReportError
 from kdexp.report.formats import render_csv, render_latex, render_markdown, tidy_frame, write_text
 from kdexp.report.sources import load_sources
 from kdexp.report.table import Table
-from kdexp.vocabulary import TEST_ACC
+from kdexp.core.vocabulary import TEST_ACC
 from kdexp.report.values import parse_assignments
 from kdexp.report.wandb_runs import WANDB_PREFIX, wandb_path
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kdexp.vocabulary import BOOKKEEPING_GROUPS, BOOKKEEPING_KEYS, PATH_SUFFIXES
+from kdexp.core.vocabulary import BOOKKEEPING_GROUPS, BOOKKEEPING_KEYS, PATH_SUFFIXES
 from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_choice_axis, is_kd_scoped, is_teacher_side
 from kdexp.report.values import format_value, is_missing
 
-# Bookkeeping that does not change what a run computes (kdexp.vocabulary), plus what a
+# Bookkeeping that does not change what a run computes (kdexp.core.vocabulary), plus what a
 # table averages over or compares by identity instead.
 IGNORED_KEYS = BOOKKEEPING_KEYS | {
     "seed", "data.shuffle_seed",  # the seed is what we average over; shuffle_seed is ${seed}

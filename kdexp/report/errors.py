@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kdexp.errors import KdexpError
+from kdexp.core.errors import KdexpError
 
 
 class ReportError(KdexpError, ValueError):

@@ -15,7 +15,7 @@ import pandas as pd
 
 from kdexp.report.table import DELTA_COLUMNS, PAIRED_COLUMNS, Table, is_accuracy_metric
 from kdexp.report.values import format_value, is_missing, sort_key
-from kdexp.vocabulary import METRIC_TITLES
+from kdexp.core.vocabulary import METRIC_TITLES
 
 CE_LABEL, TEACHER_LABEL = "CE only", "teacher"
 

@@ -20,7 +20,7 @@ from kdexp.report.formats import direction, number_text, scale_of
 from kdexp.report.runs import axis_values, metric_values
 from kdexp.report.table import Table
 from kdexp.report.values import format_value, matches
-from kdexp.vocabulary import METRIC_TITLES, VAL_ACC_BEST
+from kdexp.core.vocabulary import METRIC_TITLES, VAL_ACC_BEST
 
 SELECT_ON = VAL_ACC_BEST  # what picks the KD setting shown per width (never a test metric)
 

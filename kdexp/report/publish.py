@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from kdexp.tracking import resolve_wandb_mode
+from kdexp.core.tracking import resolve_wandb_mode
 
 
 def publish_report(files: Sequence[Path], tables: Mapping[str, pd.DataFrame], markdown: str, *,

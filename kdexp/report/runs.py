@@ -16,7 +16,7 @@ import pandas as pd
 
 from kdexp.report.errors import ReportError
 from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
-from kdexp.vocabulary import TEACHER_TEST_ACC, flatten_config
+from kdexp.core.vocabulary import TEACHER_TEST_ACC, flatten_config
 
 NULL = "null"  # a setting a run has, set to null, on a table axis (absent settings stay NaN)
 

@@ -6,11 +6,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdexp.records import RECORD_NAME, read_record
+from kdexp.core.records import RECORD_NAME, read_record
 from kdexp.report import wandb_runs
 from kdexp.report.errors import ReportError
 from kdexp.report.runs import is_student_record, missing_fields
-from kdexp.vocabulary import ARCHIVE_DIR
+from kdexp.core.vocabulary import ARCHIVE_DIR
 
 
 def records_from_folder(folder: str | Path) -> tuple[list[dict[str, Any]], list[str]]:

@@ -18,7 +18,7 @@ import pandas as pd
 from kdexp.report.runs import RECORD_FIELDS, is_kd_scoped, is_teacher_side, metric_values
 from kdexp.report.stats import paired_summary, welch_se
 from kdexp.report.values import format_value, is_missing, sort_key
-from kdexp.vocabulary import teacher_metric
+from kdexp.core.vocabulary import teacher_metric
 
 KINDS = ("teacher", "baseline", "distill")  # the order rows appear in
 MODES = ("raw", "delta", "paired")

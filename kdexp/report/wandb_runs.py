@@ -12,8 +12,8 @@ from typing import Any
 
 from kdexp.report.errors import ReportError
 from kdexp.report.values import parse_assignments, parse_scalar
-from kdexp.tracking import RUN_CONFIG_EXTRAS
-from kdexp.vocabulary import TEACHER_TEST_ACC
+from kdexp.core.tracking import RUN_CONFIG_EXTRAS
+from kdexp.core.vocabulary import TEACHER_TEST_ACC
 
 WANDB_PREFIX = "wandb:"
 

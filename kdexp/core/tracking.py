@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from kdexp.console import wandb_settings
+from kdexp.core.console import wandb_settings
 
 if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so `kdexp report` starts fast
     from pytorch_lightning.loggers import Logger
@@ -82,7 +82,7 @@ def resolve_wandb_mode(requested: str = "auto") -> tuple[str, str]:
         reason = f"WANDB_MODE={env_mode} in the environment"
     elif requested != "auto":
         if requested not in WANDB_MODES:
-            from kdexp.errors import ConfigError
+            from kdexp.core.errors import ConfigError
 
             raise ConfigError(f"logger.mode must be auto, {', '.join(WANDB_MODES)}; got '{requested}'.")
         mode, reason = requested, f"logger.mode={requested}"
@@ -128,7 +128,7 @@ def wandb_logger(
 
     ``run_id``: continue that run (a resumed kdexp run logs into its own W&B run,
     not a second one). ``verbose``: let W&B print its banners and run history
-    (see :mod:`kdexp.console`; ``WANDB_SILENT`` / ``WANDB_QUIET`` set by the user win).
+    (see :mod:`kdexp.core.console`; ``WANDB_SILENT`` / ``WANDB_QUIET`` set by the user win).
     ``lightning=False``: the same run as a :class:`WandbRun`, without importing Lightning
     (a packed student's run, replayed after its pack has trained).
     """

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdexp.config import is_interactive
-from kdexp.errors import ConfigError
+from kdexp.core.config import is_interactive
+from kdexp.core.errors import ConfigError
 
 TEXT_EXTRA = "pip install -e '.[text]'"
 

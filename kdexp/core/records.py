@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kdexp.files import atomic_write_text
+from kdexp.core.files import atomic_write_text
 
 RECORD_NAME = "run_record.json"
 SCHEMA_VERSION = 1

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kdexp.errors import ConfigError, KdexpError
-from kdexp.files import is_weights_only_refusal, refused_pickle
+from kdexp.core.errors import ConfigError, KdexpError
+from kdexp.core.files import is_weights_only_refusal, refused_pickle
+
+# The config tree shipped beside the package (kdexp/core/config.py → <repo>/conf).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@contextmanager
+def conf_initialized() -> Iterator[None]:
+    """Hydra's compose API pointed at :data:`CONF_DIR` for the block (outside a Hydra app), cleared after."""
+    from hydra import initialize_config_dir  # Hydra loads only where a config is composed
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_run(overrides: list[str], output_dir: str | Path, root_dir: str | Path | None = None) -> DictConfig:
+    """The run config for ``overrides``, composed as ``kdexp train`` would, with its output in ``output_dir``."""
+    from hydra import compose
+
+    with conf_initialized():
+        return compose("train", overrides=[*overrides, f"paths.root_dir={root_dir or os.getcwd()}",
+                                           f"paths.output_dir={output_dir}"])
 
 
 def is_interactive() -> bool:
@@ -30,7 +59,7 @@ def best_gpu_precision() -> str:
 
 def resolved_task(*, _root_: DictConfig) -> str:
     """``${kdexp.task:}``: the run's task name (``task=auto`` resolved by the data set), for model configs."""
-    from kdexp.tasks import task_of
+    from kdexp.core.tasks import task_of
 
     return task_of(_root_).name
 

@@ -20,9 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kdexp.errors import ConfigError
+from kdexp.core.errors import ConfigError
 
 AUTO = "auto"
+# The target of a transfer-set input or a padding/prompt position: no label, only the teacher's outputs
+# (F.cross_entropy's default ignore_index, so an objective that forgot to handle it never reads it as a class).
+UNLABELLED = -100
 
 
 @dataclass(frozen=True)

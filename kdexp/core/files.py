@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdexp.errors import CheckpointError, StorageError
+from kdexp.core.errors import CheckpointError, StorageError
 
 
 def _temporary_name(path: Path) -> Path:
