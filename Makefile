@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdexp-installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,5 +25,8 @@ test: setup          ## the test suite (slow end-to-end tests excluded; see test
 test-all: setup
 	$(BIN)/python -m pytest -m ""
 
+docs: setup          ## the documentation site in site/ (open site/index.html); warnings are errors
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache site

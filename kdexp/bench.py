@@ -17,7 +17,7 @@ in the window), which is what the bare loops do too.
 objective (language models included): the teacher online, the full cached logits and a
 top-K cache, with the disk bytes per position of each file.
 
-``--pack 1 2 4 8 16`` times the packed engine (:mod:`kdexp.packed`, N students in one
+``--pack 1 2 4 8 16`` times the packed engine (:mod:`kdexp.grid.pack`, N students in one
 packed step) against the same students trained one at a time by kdexp: students trained per
 second of training epochs, at each pack size.
 
@@ -44,6 +44,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kdexp.core.config import compose_run, instantiate, objective_node
+from kdexp.core.console import configure_console
+from kdexp.data.batches import IndexBatches
+from kdexp.grid.pack import StudentPack, train_epoch
+from kdexp.objectives import CrossEntropyOnly, HintonKD
+from kdexp.run.engine import ensure_stages
+from kdexp.run.seeding import apply_num_threads, seed_everything
+from kdexp.run.teacher import get_teacher
+from kdexp.teachers.outputs import compute_store, read_store, save_store
+from kdexp.teachers.source import get_teacher_outputs, teacher_output_identity
 
 HINTON = {"temperature": 4.0, "alpha": 0.9}
 
@@ -77,13 +88,11 @@ def parser() -> argparse.ArgumentParser:
 # -- epochs -------------------------------------------------------------------------------
 def kdexp_epoch_seconds(cfg, datamodule, teacher, store, objective, width: int, epochs: int) -> list[float]:
     """Training-batch time of each epoch of a real kdexp fit (the run's trainer config, no logger)."""
-    import pytorch_lightning as pl
+    import pytorch_lightning as pl  # Lightning loads only for the epochs it times (4 s of start-up otherwise)
 
-    from kdexp.core.config import instantiate
     from kdexp.data.lightning import for_trainer
-    from kdexp.fitting import build_trainer
-    from kdexp.modules import DistillationModule
-    from kdexp.seeding import seed_everything
+    from kdexp.run.fit import build_trainer
+    from kdexp.run.modules import DistillationModule
 
     class EpochClock(pl.Callback):
         def __init__(self) -> None:
@@ -114,8 +123,6 @@ def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool
     import torch
     import torch.nn.functional as F
 
-    from kdexp.core.config import instantiate
-    from kdexp.data.batches import IndexBatches
 
     torch.manual_seed(1)
     student = instantiate(cfg.student, width=width)
@@ -144,13 +151,12 @@ def bare_epoch_seconds(cfg, datamodule, store, width: int, epochs: int, kd: bool
 
 def bench_setup(overrides: list[str]):
     """The composed config (no logger), its data (set up, threads pinned) and its teacher."""
-    from kdexp.core.config import compose_run, instantiate
-    from kdexp.pipeline import apply_num_threads, get_teacher
 
     cfg = compose_run([*overrides, "logger=none"], Path(tempfile.gettempdir()) / "kdexp-bench")
     apply_num_threads(cfg.get("num_threads"))
     datamodule = instantiate(cfg.data, what="data")
     datamodule.setup()
+    ensure_stages(cfg)
     return cfg, datamodule, get_teacher(cfg, datamodule)
 
 
@@ -158,8 +164,6 @@ def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: i
     """Median epoch seconds of (i)–(v) per width, over interleaved repeats."""
     import torch
 
-    from kdexp.objectives import CrossEntropyOnly, HintonKD
-    from kdexp.teacher_source import get_teacher_outputs
 
     cfg, datamodule, teacher = bench_setup(overrides)
     store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
@@ -191,9 +195,6 @@ def epoch_table(overrides: list[str], widths: list[int], repeats: int, epochs: i
 def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, topk: int) -> dict[str, Any]:
     """Epoch time of the configured objective with the teacher online, from full cached logits and from
     a top-``topk`` cache (medians of interleaved repeats), and the disk bytes per position of each file."""
-    from kdexp.core.config import instantiate, objective_node
-    from kdexp.teacher_source import teacher_output_identity
-    from kdexp.teacher_outputs import compute_store, read_store, save_store
 
     cfg, datamodule, teacher = bench_setup(overrides)
     objective = lambda: instantiate(objective_node(cfg), what="kd")  # noqa: E731 (a fresh one per fit)
@@ -222,11 +223,6 @@ def outputs_table(overrides: list[str], width: int, repeats: int, epochs: int, t
 def pack_table(overrides: list[str], widths: list[int], sizes: list[int], repeats: int, epochs: int
                ) -> list[dict[str, Any]]:
     """Median epoch time of N students trained together (packed) and of one kdexp student (cached KD)."""
-    from kdexp.core.config import instantiate
-    from kdexp.objectives import HintonKD
-    from kdexp.packed import StudentPack, train_epoch
-    from kdexp.seeding import seed_everything
-    from kdexp.teacher_source import get_teacher_outputs
 
     cfg, datamodule, teacher = bench_setup(overrides)
     store, _ = get_teacher_outputs(cfg, datamodule, teacher, 0, HintonKD(**HINTON))
@@ -427,8 +423,6 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from kdexp.core.console import configure_console
-
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)  # the tables, not Lightning's per-fit banners
     results: dict[str, Any] = {"command": "kdexp bench " + " ".join(argv)}

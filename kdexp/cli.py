@@ -51,8 +51,8 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str]) -> int:
-    from kdexp import sweep
-    from kdexp.grid_compose import ComposeAhead
+    from kdexp.grid import sweep
+    from kdexp.grid.compose import ComposeAhead
 
     args = sweep_parser().parse_intermixed_args(argv)
     if args.jobs < 1:
@@ -66,7 +66,7 @@ def sweep_main(argv: list[str]) -> int:
     sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
     points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
     # Hydra composes the grid in helper processes while this one imports torch (they are forked
-    # before torch is imported here: see kdexp.grid_compose); pack members are composed too.
+    # before torch is imported here: see kdexp.grid.compose); pack members are composed too.
     packs_run = bool(args.pack) and not args.dry_run
     ahead = ComposeAhead(points, sweep.jobs_to_compose(spec, args.overrides, points, sweep_dir) if packs_run else None)
     try:
@@ -75,7 +75,7 @@ def sweep_main(argv: list[str]) -> int:
 
             torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
         if packs_run:
-            from kdexp.packed_runs import import_for_workers
+            from kdexp.grid.workers import import_for_workers
 
             import_for_workers(wandb=sweep.may_log_to_wandb(points))  # while the helper composes
         cfgs = sweep.check_points(points, ahead)  # every point composes and validates, or nothing runs
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench.main(rest)
         if command == "predict":
-            from kdexp import predict
+            from kdexp.run import predict
 
             return predict.main(rest)
         if command == "export":
-            from kdexp import export
+            from kdexp.run import export
 
             return export.main(rest)
         if command == "report":

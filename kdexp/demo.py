@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from kdexp.core.records import RECORD_NAME
-from kdexp.sweep import collect
 from kdexp.core.vocabulary import TEST_ACC
+from kdexp.grid.sweep import collect
 
 
 def _pct(value: float | None) -> str:

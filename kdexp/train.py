@@ -21,20 +21,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import kdexp  # noqa: F401  (registers the config resolvers)
-from kdexp.core.config import CONF_DIR, to_plain
+from kdexp.core.config import CONF_DIR
 from kdexp.core.console import configure_console
-from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
-from kdexp.core.files import atomic_write_text
-from kdexp.core.records import RECORD_NAME, RunRecorder, read_record
-from kdexp.run_folder import claim_run_folder, lock_folder
-from kdexp.sweep import left_to_packs
-from kdexp.core.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
+from kdexp.core.errors import KdexpError, RunInterrupted
+from kdexp.core.files import storage_error
+from kdexp.core.processes import run_then_exit
+from kdexp.core.vocabulary import TEST_ACC
 
 log = logging.getLogger("kdexp")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -68,100 +64,19 @@ def log_file_held_back(output_dir: Path) -> Iterator[None]:
         root.addHandler(handler)  # FileHandler(delay=True) reopens the file on the next message
 
 
-def write_hydra_files(output_dir: Path, cfg: DictConfig) -> None:
-    """``.hydra/{config,hydra,overrides}.yaml`` as Hydra writes them, once the folder is ours."""
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = output_dir / ".hydra"
-    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg), what="Hydra config")
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}), what="Hydra config")
-        atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
-                          what="Hydra config")
-
-
-def record_rejected_config(output_dir: Path, cfg: DictConfig, err: ConfigError) -> None:
-    """Leave a ``failed`` record for a config rejected before it started, in a fresh folder only.
-
-    A folder that holds anything of an earlier run (finished, resumable, or busy) is
-    left exactly as it is: a bad value on the command line must not cost a result.
-    """
-    if output_dir.exists() and any(output_dir.iterdir()):
-        return
-    try:
-        lock = lock_folder(output_dir)
-    except KdexpError:
-        return
-    from kdexp.pipeline import base_record
-
-    try:
-        RunRecorder(output_dir, base_record(cfg)).finish("failed", err)
-    finally:
-        lock.release()
-
-
-class AnnouncingRecorder(RunRecorder):
-    """The run's recorder; it also says on the console what is being trained, once the run has a name.
-
-    The name (``distill-mlp128-hinton-T4-a0.9-s1``) is known only inside the experiment,
-    after the teacher is ready and the objective is built; it reaches the record here.
-    """
-
-    _announced = False
-
-    def update(self, **fields: Any) -> None:
-        super().update(**fields)
-        if "run_name" in fields and not self._announced:
-            self._announced = True
-            resumed = " (resumed)" if self.record.get("resumed") else ""
-            log.info("Training %s%s → %s", fields["run_name"], resumed, self.folder)
-
-
 def run(cfg: DictConfig) -> dict:
     """Run the experiment ``cfg`` describes and return its record (raises on failure)."""
     # Imported here, not at the top: the process that launches a parallel multirun
-    # (hydra/launcher=joblib) runs no job itself and never needs torch or Lightning.
-    from kdexp.pipeline import base_record, recorded, run_experiment, with_runtime
-    from kdexp.validation import validate_config
+    # (hydra/launcher=joblib) runs no job itself and never needs torch.
+    from kdexp.run.engine import run_experiment
+    from kdexp.run.lifecycle import run_in_folder, with_runtime
 
     configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if left_to_packs(list(cfg.get("overrides") or [])):  # kdexp sweep --pack trained this point: hands off,
-        return read_record(output_dir) or {}               # not even a log line in its folder
-    with log_file_held_back(output_dir):
-        try:
-            validate_config(cfg)
-        except ConfigError as err:
-            record_rejected_config(output_dir, cfg, err)
-            raise
-        claim = claim_run_folder(output_dir, to_plain(cfg), str(cfg.if_finished), bool(cfg.resume))
-        if claim.action == "skip":  # said while the log file is held back: a finished folder is never written
-            claim.release()
-            log.info("Skipping %s: it already holds a finished run.", output_dir)
-            return claim.previous
-    try:
-        write_hydra_files(output_dir, task_cfg)
-        resumes = claim.previous if claim.action == "resume" else None
-        with recorded(AnnouncingRecorder(output_dir, base_record(cfg), resumes=resumes)) as recorder:
-            run_experiment(cfg, recorder, resume_from=claim.checkpoint)
-    finally:
-        claim.release()
-    announce_finished(recorder.record, output_dir)
-    return recorder.record
-
-
-def announce_finished(record: dict[str, Any], output_dir: Path) -> None:
-    """The result line of a finished run: its test accuracies, the teacher's, and where the record is."""
-    metrics = record["metrics"]
-    wandb_url = (record.get("wandb") or {}).get("url")  # online runs only
-    log.info(
-        "%s finished: test/acc %.4f (last epoch %.4f), teacher %.4f, agreement %s | record: %s%s",
-        record["run_name"], metrics[TEST_ACC], metrics[TEST_ACC_LAST], metrics[TEACHER_TEST_ACC],
-        f"{metrics['test/agreement']:.4f}" if "test/agreement" in metrics else "n/a",
-        output_dir / RECORD_NAME, f" | W&B: {wandb_url}" if wandb_url else "",
-    )
+    return run_in_folder(cfg, output_dir, lambda recorder, last: run_experiment(cfg, recorder, resume_from=last),
+                         task_cfg=task_cfg, if_finished=str(cfg.if_finished), resume=bool(cfg.resume),
+                         held=lambda: log_file_held_back(output_dir))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -195,7 +110,6 @@ def prepare_output_dirs(argv: list[str]) -> None:
     Hydra creates the folder itself before any kdexp code runs, and an unwritable
     place would end in its raw PermissionError traceback.
     """
-    from kdexp.core.files import storage_error
 
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -221,7 +135,6 @@ def main() -> None:
 def entry() -> None:
     """The ``kdexp-train`` command and ``python -m kdexp.train``: :func:`main`, then a prompt exit
     (:mod:`kdexp.core.processes`); a multirun's main process ends this way too."""
-    from kdexp.core.processes import run_then_exit
 
     run_then_exit(main)
 

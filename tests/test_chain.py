@@ -10,11 +10,12 @@ import pytest
 from conftest import compose_config, load_record, run_cli
 from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.models import MLP
-from kdexp.pipeline import teacher_key, trained_teacher_key
+from kdexp.teachers.provision import trained_teacher_key
+from kdexp.teachers.stages import teacher_key
 from kdexp.report.chain import chain_table, render_chain
-from kdexp.teacher import load_teacher_weights, weights_hash
+from kdexp.teachers.provision import load_teacher_weights, weights_hash
 from kdexp.train import run
-from kdexp.validation import validate_config
+from kdexp.run.validation import validate_config
 from kdexp.core.vocabulary import canonical_json
 
 FAST = ["experiment=digits_smoke", "teacher.max_epochs=3", "trainer.max_epochs=2", "student.width=16", "logger=none"]

@@ -104,7 +104,7 @@ def test_configure_console_switches_lightning_and_the_leafspec_warning(restore_c
     for verbose in (False, True, False):  # idempotent, both ways (a multirun's jobs share a process)
         configure_console(verbose)
         assert logging.getLogger("pytorch_lightning.utilities.rank_zero").isEnabledFor(logging.INFO) is verbose
-        assert logging.getLogger("kdexp.teacher").isEnabledFor(logging.DEBUG) is verbose
+        assert logging.getLogger("kdexp.teachers.provision").isEnabledFor(logging.DEBUG) is verbose
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn(message, FutureWarning)
             warnings.warn(SRUN_HINT, PossibleUserWarning)

@@ -14,8 +14,8 @@ from kdexp.cli import main as cli_main
 from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.models.features import FeatureHooks
 from kdexp.models.hf import HFModel, pretrained_identity
-from kdexp.teacher import weights_hash
-from kdexp.teacher_outputs import read_store
+from kdexp.teachers.provision import weights_hash
+from kdexp.teachers.outputs import read_store
 from kdexp.train import run
 
 transformers = pytest.importorskip("transformers")

@@ -14,9 +14,9 @@ from kdexp.data.text import SEPARATOR, StdlibTextDataModule, split_of, stdlib_fi
 from kdexp.core.errors import ConfigError
 from kdexp.models.gpt import TinyGPT
 from kdexp.objectives.base import UNLABELLED
-from kdexp.pipeline import evaluate_accuracy
+from kdexp.teachers.quality import evaluate_accuracy
 from kdexp.train import run
-from kdexp.validation import validate_config
+from kdexp.run.validation import validate_config
 
 SMALL = ["data=stdlib_text", "teacher=gpt", "student=gpt", "kd=token_kd", "data.max_train_bytes=40000",
          "data.max_eval_bytes=8000", "data.input_shape=[32]", "teacher.model.width=32", "teacher.model.depth=1",
@@ -122,7 +122,7 @@ def test_hidden_state_kd_runs_on_the_language_model(tmp_path):
 
 def test_fine_tuning_after_distillation_starts_from_the_distilled_student(tmp_path):
     from kdexp.core.errors import CheckpointError
-    from kdexp.teacher import load_teacher_weights, weights_hash
+    from kdexp.teachers.provision import load_teacher_weights, weights_hash
 
     distilled = run(compose_config([*SMALL, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'kd'}"], tmp_path))
     best = distilled["checkpoints"]["best"]
@@ -141,7 +141,7 @@ def test_fine_tuning_after_distillation_starts_from_the_distilled_student(tmp_pa
 
 
 def test_a_bf16_teacher_is_held_in_bf16_and_gives_float32_outputs_close_to_float32(tmp_path):
-    from kdexp.modules import DistillationModule
+    from kdexp.run.modules import DistillationModule
     from kdexp.objectives.token_kd import TokenKD
 
     torch.manual_seed(0)
@@ -159,7 +159,7 @@ def test_a_bf16_teacher_is_held_in_bf16_and_gives_float32_outputs_close_to_float
 
 
 def test_top_k_outputs_keep_each_top_probability_and_the_rest_mass_exactly():
-    from kdexp.teacher_outputs import compute_split
+    from kdexp.teachers.outputs import compute_split
 
     torch.manual_seed(0)
     teacher = TinyGPT([16], 256, width=32, depth=1).eval()
@@ -179,7 +179,7 @@ def test_top_k_outputs_keep_each_top_probability_and_the_rest_mass_exactly():
 
 def test_saved_top_k_predictions_feed_a_student_run(tmp_path, capsys):
     from kdexp.cli import main as cli_main
-    from kdexp.teacher_outputs import read_store
+    from kdexp.teachers.outputs import read_store
 
     out = tmp_path / "lm-top8.pt"
     compose_config([], tmp_path)

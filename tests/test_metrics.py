@@ -1,4 +1,4 @@
-"""kdexp.metrics against torchmetrics, an independent implementation of the same definitions."""
+"""kdexp.run.metrics against torchmetrics, an independent implementation of the same definitions."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from kdexp.metrics import EvalMetrics
+from kdexp.run.metrics import EvalMetrics
 from kdexp.objectives.base import UNLABELLED
 
 

@@ -13,9 +13,9 @@ from kdexp.data import DigitsDataModule
 from kdexp.data.lightning import for_trainer
 from kdexp.core.errors import NonFiniteLossError
 from kdexp.models import CNN2D, MLP
-from kdexp.modules import DistillationModule, SupervisedModule
+from kdexp.run.modules import DistillationModule, SupervisedModule
 from kdexp.objectives import CrossEntropyOnly, HintonKD
-from kdexp.pipeline import evaluate_accuracy
+from kdexp.teachers.quality import evaluate_accuracy
 
 ADAM = functools.partial(torch.optim.Adam, lr=3e-3)
 

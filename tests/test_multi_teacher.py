@@ -84,7 +84,7 @@ def test_a_run_with_two_teachers_caches_each_and_records_them(tmp_path):
 
 def test_extra_teachers_need_an_objective_that_reads_them(tmp_path):
     from conftest import compose_config
-    from kdexp.validation import validate_config
+    from kdexp.run.validation import validate_config
 
     cfg = compose_config(["experiment=mnist1d_multi_teacher", "kd=hinton"], tmp_path)
     with pytest.raises(ConfigError, match="reads one teacher; use kd=multi_teacher"):

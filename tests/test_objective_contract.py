@@ -9,9 +9,9 @@ import torch
 
 from conftest import CONF_DIR, compose_config
 from kdexp.core.config import instantiate, objective_node
-from kdexp.modules import DistillationModule
+from kdexp.run.modules import DistillationModule
 from kdexp.objectives import DistillationObjective
-from kdexp.validation import validate_config
+from kdexp.run.validation import validate_config
 
 KD_OPTIONS = sorted(p.stem for p in (CONF_DIR / "kd").glob("*.yaml"))
 SPATIAL = {"attention"}  # attention maps need (B, C, ...) features: image teacher and student

@@ -11,9 +11,9 @@ import torch
 from conftest import DIGITS_FAST, compose_config, load_record, run_cli
 from kdexp.core.config import instantiate
 from kdexp.core.errors import ConfigError
-from kdexp.modules import DistillationModule
+from kdexp.run.modules import DistillationModule
 from kdexp.schedules import Constant, Cosine, Linear, Step
-from kdexp.validation import validate_config
+from kdexp.run.validation import validate_config
 from kdexp_test_plugins import ProjectedFeatureKD
 
 

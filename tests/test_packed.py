@@ -14,8 +14,9 @@ from conftest import compose_config, load_record, records_in, run_cli
 from kdexp.models import MLP
 from kdexp.objectives.base import ModelOutputs
 from kdexp.objectives.hinton import HintonKD
-from kdexp.packed import StudentPack, epoch_order, pack_groups, train_epoch
-from kdexp.packed_runs import job_configs, run_pack
+from kdexp.grid.pack import StudentPack, epoch_order, pack_groups, train_epoch
+from kdexp.grid.compose import job_configs
+from kdexp.grid.members import run_pack
 from kdexp.train import run
 
 BASE = ["data=mnist1d", "student=mlp", "student.width=64", "trainer.max_epochs=3", "teacher.max_epochs=20"]
@@ -113,7 +114,7 @@ def test_a_packed_students_wandb_run_is_the_one_its_single_run_logs(alone_and_pa
 def test_a_member_whose_loss_goes_nan_fails_its_own_record_and_the_others_finish_as_alone(alone_and_packed):
     """Validation refuses a temperature that would make the loss NaN (kd.temperature >= 0.05), so the middle
     member gets one after its folder is claimed: a loss that goes non-finite inside a pack."""
-    from kdexp.packed_runs import claim_members, train_members
+    from kdexp.grid.members import claim_members, train_members
 
     base, alone, _ = alone_and_packed
     points = [SETTINGS[0], ["seed=1", "kd.temperature=3", "kd.alpha=0.9"], SETTINGS[2]]
@@ -182,7 +183,7 @@ def test_a_packed_epoch_is_each_students_own_epoch_bit_for_bit(width):
 def test_a_fused_step_that_differs_from_autograd_is_not_used(monkeypatch):
     """The first step compares the fused Hinton gradient with autograd's; off by one ulp, the pack trains
     on autograd's per-student path, and its weights equal a pack that never tried the fused one."""
-    from kdexp import packed
+    from kdexp.grid import pack as packed
 
     def train(perturb: bool):
         torch.manual_seed(0)
@@ -315,7 +316,7 @@ def test_a_sweep_packs_what_can_pack_and_runs_the_rest_alone(tmp_path):
     ("student=cnn1d", "only MLP students"),
 ])
 def test_points_that_a_pack_cannot_reproduce_run_alone_and_say_why(tmp_path, override, reason):
-    from kdexp.packed import why_not_packable
+    from kdexp.grid.pack import why_not_packable
 
     assert why_not_packable(compose_config(["data=mnist1d"], tmp_path)) is None
     assert reason in why_not_packable(compose_config(["data=mnist1d", override], tmp_path))
@@ -364,7 +365,7 @@ def test_a_pack_trains_and_writes_its_runs_without_importing_lightning(alone_and
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from kdexp.packed_runs import job_configs, run_pack\n"
+        "from kdexp.grid.compose import job_configs\nfrom kdexp.grid.members import run_pack\n"
         f"jobs = job_configs(Path({str(tmp_path)!r}), [{BASE!r} + ['trainer.max_epochs=1', f'seed={{s}}'] for s in (1, 2)])\n"
         "statuses = run_pack(jobs)\n"
         "print(json.dumps({'statuses': sorted(statuses.values()),\n"
@@ -389,8 +390,8 @@ def test_a_packed_sweep_counts_the_runs_it_was_refused_as_refused(tmp_path):
 
     from filelock import FileLock
 
-    from kdexp.run_folder import LOCK_NAME
-    from kdexp.sweep import grid, load_sweep, summarize
+    from kdexp.run.folder import LOCK_NAME
+    from kdexp.grid.sweep import grid, load_sweep, summarize
 
     sweep = tmp_path / "two.yaml"
     sweep.write_text(yaml.safe_dump({"name": "two", "method": "grid", "parameters": {

@@ -1,4 +1,4 @@
-"""How a sweep forks its Hydra helper, and how kdexp's commands end (kdexp.grid_compose, kdexp.core.processes)."""
+"""How a sweep forks its Hydra helper, and how kdexp's commands end (kdexp.grid.compose, kdexp.core.processes)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
-from kdexp.grid_compose import ComposeAhead, JobsToCompose, compose_for_check, compose_grid, split
-from kdexp.packed_runs import job_configs, pack_jobs
+from kdexp.grid.compose import ComposeAhead, JobsToCompose, compose_for_check, compose_grid, split
+from kdexp.grid.compose import job_configs, pack_jobs
 from kdexp.core.processes import can_fork
 
 BASE = ["data=mnist1d", "student=mlp", "kd=hinton", "trainer.max_epochs=1"]

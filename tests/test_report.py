@@ -55,7 +55,7 @@ def ce_values(width: int) -> np.ndarray:
 
 def make_record(folder: Path, *, width: int, seed: int, temperature: float | None = None, alpha: float | None = None,
                 status: str = "finished", max_epochs: int = 100, acc: float | None = None) -> dict:
-    """A record shaped like the ones kdexp.pipeline writes (see outputs/*/run_record.json)."""
+    """A record shaped like the ones kdexp.run.engine writes (see outputs/*/run_record.json)."""
     kd_name = "none" if temperature is None else "hinton"
     kd = ({"_target_": "kdexp.objectives.CrossEntropyOnly", "label_smoothing": 0.0} if temperature is None
           else {"_target_": "kdexp.objectives.HintonKD", "temperature": temperature, "alpha": alpha})

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning import seed_everything as lightning_seed_everything
 
 from kdexp.core.errors import ConfigError
-from kdexp.seeding import seed_everything
+from kdexp.run.seeding import seed_everything
 
 
 def draws() -> tuple:

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ROOT, load_record, path_with_fake_srun, records_in, run_cli
 from kdexp.core.errors import ConfigError
-from kdexp.sweep import grid, load_sweep, wandb_sweep_config
+from kdexp.grid.sweep import grid, load_sweep, wandb_sweep_config
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 FAST = ["logger=csv"]  # W&B is exercised by the CLI tests; CSV keeps the grid quick

@@ -11,7 +11,7 @@ import torch
 
 from kdexp.core.errors import CheckpointError
 from kdexp.models import CNN2D, MLP
-from kdexp.teacher import Teacher, load_teacher_weights, provision_teacher, save_teacher, weights_hash
+from kdexp.teachers.provision import Teacher, load_teacher_weights, provision_teacher, save_teacher, weights_hash
 
 
 def _fit_tiny(model: torch.nn.Module, folder: Path) -> float:

@@ -15,9 +15,9 @@ from kdexp.data import DigitsDataModule
 from kdexp.core.errors import CheckpointError, ConfigError
 from kdexp.models import CNN2D
 from kdexp.models.ensemble import TeacherEnsemble
-from kdexp.modules import DistillationModule
+from kdexp.run.modules import DistillationModule
 from kdexp.objectives import HintonKD
-from kdexp.teacher_outputs import (
+from kdexp.teachers.outputs import (
     CACHE_FILE,
     TeacherOutputStore,
     cache_key,
@@ -118,7 +118,7 @@ def _race(folder: str, out: "mp.Queue") -> None:
     def slow_compute() -> TeacherOutputStore:
         time.sleep(1.0)  # long enough for the other process to reach the lock
         logits = torch.arange(6000, dtype=torch.float32).reshape(600, 10)
-        from kdexp.teacher_outputs import SplitOutputs
+        from kdexp.teachers.outputs import SplitOutputs
         return TeacherOutputStore({"train": SplitOutputs(logits)}, {**IDENTITY, "version": 1, "splits": {
             "train": {"rows": 600, "checksum": SplitOutputs(logits).checksum()}}})
 
@@ -157,7 +157,7 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt_never_used(tmp_path, digit
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError):
         read_store(path)
-    with caplog.at_level(logging.WARNING, logger="kdexp.teacher_outputs"):
+    with caplog.at_level(logging.WARNING, logger="kdexp.teachers.outputs"):
         rebuilt, how = cached_store(tmp_path, IDENTITY, lambda: store_for(teacher, digits))
     assert how == "computed"
     assert "computing the teacher outputs again" in caplog.text
@@ -249,8 +249,8 @@ def test_predictions_saved_over_a_changed_file_are_refused(three_runs, tmp_path)
 
 
 def test_random_augmentation_keeps_the_teacher_online(tmp_path):
-    from kdexp.teacher_source import get_teacher_outputs
-    from kdexp.teacher import Teacher
+    from kdexp.teachers.source import get_teacher_outputs
+    from kdexp.teachers.provision import Teacher
 
     class AugmentedDigits(DigitsDataModule):
         def train_augmentation(self):
@@ -279,7 +279,7 @@ def forge(path: Path, split: str, out: Path | None = None) -> Path:
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_a_forged_cache_is_caught_by_the_teacher_and_computed_again(tmp_path, digits, teacher, split, caplog):
-    from kdexp.teacher_outputs import VERIFY_ROWS, verify_against_teacher
+    from kdexp.teachers.outputs import VERIFY_ROWS, verify_against_teacher
 
     def verify(store: TeacherOutputStore) -> None:
         verify_against_teacher(store, teacher, lambda s, i: digits.batch_transform(digits.splits[s].x[i]))
@@ -296,7 +296,7 @@ def test_a_forged_cache_is_caught_by_the_teacher_and_computed_again(tmp_path, di
     del first, clean
     forge(path, split)
     read_store(path)  # the checksums alone pass it
-    with caplog.at_level(logging.WARNING, logger="kdexp.teacher_outputs"):
+    with caplog.at_level(logging.WARNING, logger="kdexp.teachers.outputs"):
         rebuilt, how = cached_store(tmp_path, IDENTITY, compute, verify)
     assert how == "computed"
     assert f"of the '{split}' split checked against the teacher differ" in caplog.text and str(path) in caplog.text

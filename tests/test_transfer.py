@@ -16,7 +16,7 @@ from kdexp.objectives import HintonKD
 from kdexp.objectives.base import UNLABELLED, ModelOutputs, labelled_cross_entropy
 from kdexp.objectives.hinton import soft_target_kl
 from kdexp.train import run
-from kdexp.validation import validate_config
+from kdexp.run.validation import validate_config
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.files import is_weights_only_refusal, refused_pickle
+from kdexp.core.tasks import task_of
 
 # The config tree shipped beside the package (kdexp/core/config.py → <repo>/conf).
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -59,7 +60,6 @@ def best_gpu_precision() -> str:
 
 def resolved_task(*, _root_: DictConfig) -> str:
     """``${kdexp.task:}``: the run's task name (``task=auto`` resolved by the data set), for model configs."""
-    from kdexp.core.tasks import task_of
 
     return task_of(_root_).name
 

@@ -81,7 +81,7 @@ def configure_console(verbose: bool, lightning: bool = True) -> None:
 
     Call it at the start of a run. Importing Lightning sets its loggers back to INFO, so this
     imports it first (``lightning=False``: not, for a process that may never need it, such as
-    a packed sweep's worker; :mod:`kdexp.fitting` applies the choice when it imports Lightning).
+    a packed sweep's worker; :mod:`kdexp.run.fit` applies the choice when it imports Lightning).
     """
     global _verbose
     _verbose = verbose

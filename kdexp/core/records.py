@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 # Set by `kdexp sweep` for the runs it starts: their records say which sweep ran them (``sweep_id``), so
 # a sweep's summary tells its own runs from those another process ran or holds in the same folders.
 SWEEP_ID_ENV = "KDEXP_SWEEP_ID"
+# Set by `kdexp sweep --pack` for its multirun: a file listing the grid points left to it (packs train the rest).
+SELECTION_ENV = "KDEXP_SWEEP_SELECTION"
 _PACKAGES = ("kdexp", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "torchmetrics", "mnist1d")
 
 

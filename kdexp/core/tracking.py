@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from kdexp.core.console import wandb_settings
+from kdexp.core.errors import ConfigError
 
 if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so `kdexp report` starts fast
     from pytorch_lightning.loggers import Logger
@@ -82,7 +83,6 @@ def resolve_wandb_mode(requested: str = "auto") -> tuple[str, str]:
         reason = f"WANDB_MODE={env_mode} in the environment"
     elif requested != "auto":
         if requested not in WANDB_MODES:
-            from kdexp.core.errors import ConfigError
 
             raise ConfigError(f"logger.mode must be auto, {', '.join(WANDB_MODES)}; got '{requested}'.")
         mode, reason = requested, f"logger.mode={requested}"
@@ -263,3 +263,29 @@ def finish_wandb(exit_code: int = 0) -> None:
     wandb = sys.modules.get("wandb")  # not imported: no run was started (importing it costs ~0.5 s)
     if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=exit_code)
+
+
+def logs_to_wandb(cfg: Any) -> bool:
+    """Whether runs of ``cfg`` log through kdexp's W&B logger."""
+    return bool(cfg.get("logger")) and str(cfg.logger.get("_target_", "")).endswith("wandb_logger")
+
+
+def import_wandb() -> None:
+    """Import what a process's first W&B run imports (wandb, and its launch inputs: 0.7–2 s). A sweep
+    does it before it forks its pack workers, so that it is done once, not once per worker."""
+    try:
+        import wandb  # noqa: F401
+        import wandb.sdk.launch.inputs.internal  # noqa: F401 - wandb.init imports it for every first run
+    except Exception:  # noqa: BLE001 - the members' own wandb.init imports it, and reports what fails
+        log.debug("W&B could not be imported ahead", exc_info=True)
+
+
+def start_wandb_service() -> None:
+    """Start W&B's service process (run in a thread while a pack trains): a process's first W&B run
+    otherwise waits seconds for it, after training, before the members' runs can be replayed."""
+    try:
+        import wandb
+
+        wandb.setup()
+    except Exception:  # noqa: BLE001 - the members' own wandb.init then starts it, and reports what fails
+        log.debug("W&B's service did not start early", exc_info=True)

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdexp.data.batches import IndexBatches
 from kdexp.core.errors import ConfigError, require
-from kdexp.core.tasks import UNLABELLED
-from kdexp.core.tasks import choose_task
+from kdexp.core.tasks import UNLABELLED, choose_task
+from kdexp.data.batches import IndexBatches
 
 
 @dataclass

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from kdexp.data.base import GenerationProgress, InMemoryDataModule, RawData, stratified_holdout
 from kdexp.core.errors import ConfigError, DataUnavailableError
 from kdexp.core.files import atomic_write, storage_error
+from kdexp.data.base import GenerationProgress, InMemoryDataModule, RawData, stratified_holdout
 
 
 class MNIST1DDataModule(InMemoryDataModule):

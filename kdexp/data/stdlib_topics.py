@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdexp.core.errors import ConfigError, require
 from kdexp.data.base import InMemoryDataModule, Split
 from kdexp.data.text import split_of, stdlib_files
 from kdexp.data.tokenizer import ByteTokenizer
-from kdexp.core.errors import ConfigError, require
 
 PACKAGES = ("asyncio", "ctypes", "email", "encodings", "importlib", "multiprocessing", "wsgiref", "xml")
 SPLITS = ("train", "val", "test")

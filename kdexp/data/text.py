@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdexp.data.base import InMemoryDataModule, Split
 from kdexp.core.errors import ConfigError, require
+from kdexp.data.base import InMemoryDataModule, Split
 
 SEPARATOR = b"\n\x00\n"  # between files: a byte sequence that never occurs inside source text
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from kdexp.core.config import to_plain
-from kdexp.data.base import InMemoryDataModule, Split, stratified_holdout
-from kdexp.data.tokenizer import load_tokenizer
 from kdexp.core.errors import ConfigError, require
 from kdexp.core.tasks import UNLABELLED
+from kdexp.data.base import InMemoryDataModule, Split, stratified_holdout
+from kdexp.data.tokenizer import load_tokenizer
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json-lines": "jsonl", ".ndjson": "jsonl"}
 SPLITS = ("train", "val", "test")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdexp.data.base import Augmentation, InMemoryDataModule, RawData
 from kdexp.core.errors import ConfigError, DataUnavailableError, require
+from kdexp.data.base import Augmentation, InMemoryDataModule, RawData
 
 # torchvision class name, the files that must exist under data_dir, per-channel mean / std.
 _DATASETS: dict[str, tuple[str, list[str], tuple[float, ...], tuple[float, ...]]] = {

@@ -41,8 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdexp.core.errors import require
-from kdexp.objectives.base import (UNLABELLED, DistillationObjective, ModelOutputs, at_least_float32,
-                                   labelled_cross_entropy)
+from kdexp.objectives.base import (
+    UNLABELLED,
+    DistillationObjective,
+    ModelOutputs,
+    at_least_float32,
+    labelled_cross_entropy,
+)
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 

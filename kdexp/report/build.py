@@ -1,6 +1,7 @@
 """Records → tables: validate the request, filter, check what may be averaged, aggregate.
 
-This is the whole report without I/O; the CLI and tests both go through
+This is the whole report without I/O; ``kdexp report``, the Python API
+(:func:`kdexp.api.ablation_table`) and tests all go through :func:`make_ablation` /
 :func:`make_tables`, whether the records came from folders or from W&B.
 """
 
@@ -10,8 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from kdexp.report.consistency import check_consistent, split_groups
 from kdexp.report.errors import ReportError
+from kdexp.report.formats import render_latex, render_markdown, tidy_frame
 from kdexp.report.runs import (apply_where, check_metric, is_student_record, known_paths, objective_knobs,
                                runs_frame, with_axes)
 from kdexp.report.table import MODES, Table, build_table, default_better
@@ -59,6 +63,42 @@ def make_tables(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportS
     tables = [build_table(group, rows=rows, cols=cols, metric=spec.metric, mode=spec.mode, better=better,
                           split=label) for label, group in groups]
     return tables, notes
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """The tables of one report and its notes, in each form ``kdexp report`` writes them."""
+
+    tables: list[Table]  # one, or one per combination of settings (split)
+    notes: list[str]  # what kdexp report prints as `note:` lines (e.g. dropped default axes)
+
+    @property
+    def markdown(self) -> str:
+        """What ``kdexp report`` prints on stdout."""
+        return render_markdown(self.tables)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """One row per cell (``row_type``, the axes, ``mean``, ``std``, ``n``, ``seeds``, ``best``, ...) in the
+        metric's own units (fractions for accuracies): the CSV of ``kdexp report --csv``."""
+        return tidy_frame(self.tables)
+
+    @property
+    def latex(self) -> str:
+        """The booktabs tabular of ``kdexp report --latex``."""
+        return render_latex(self.tables)
+
+    def __str__(self) -> str:
+        return self.markdown
+
+    def _repr_markdown_(self) -> str:  # a notebook renders the table
+        return self.markdown
+
+
+def make_ablation(records: Sequence[Mapping[str, Any]], spec: ReportSpec = ReportSpec()) -> AblationTable:
+    """:func:`make_tables`, kept with its notes and rendered on demand."""
+    tables, notes = make_tables(records, spec)
+    return AblationTable(tables, notes)
 
 
 def default_axes(knobs: list[str]) -> tuple[list[str], list[str]]:

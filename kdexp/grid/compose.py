@@ -1,8 +1,8 @@
 """A sweep's grid composed by Hydra in helper processes, while the sweep imports torch.
 
 Before anything runs, a sweep composes every grid point to check it
-(:func:`kdexp.sweep.check_points`), and a packed sweep's workers need each member's multirun
-job config (:func:`kdexp.packed_runs.load_sweep_jobs`). Hydra's composition is pure Python,
+(:func:`kdexp.grid.sweep.check_points`), and a packed sweep's workers need each member's multirun
+job config (:func:`load_sweep_jobs`). Hydra's composition is pure Python,
 0.15–0.25 s a point on the 2-core machines of the README's figures, and needs no torch; the
 sweep meanwhile imports torch, and for packs what its workers will need (W&B, torch._dynamo):
 3–4 s there.
@@ -20,17 +20,19 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from kdexp.core.config import conf_initialized
 from kdexp.core.processes import can_fork
 
 log = logging.getLogger("kdexp")
-GridPoint = tuple[str, ...]  # sorted "key=value" overrides of one run (as in kdexp.sweep)
+GridPoint = tuple[str, ...]  # sorted "key=value" overrides of one run (as in kdexp.grid.sweep)
 
 
 @dataclass
@@ -79,10 +81,8 @@ def compose_for_check(points: list[GridPoint]) -> list[Any]:
 
 
 def compose_jobs(jobs: JobsToCompose) -> list[Any] | None:
-    """Each point as its multirun job (:func:`kdexp.packed_runs.load_sweep_jobs`); None when they do not
+    """Each point as its multirun job (:func:`load_sweep_jobs`); None when they do not
     compose (each pack worker then composes its own, and reports what fails)."""
-    from kdexp.packed_runs import load_sweep_jobs
-
     try:
         return load_sweep_jobs(jobs.sweep_dir, jobs.overrides, jobs.hydra_overrides)
     except Exception:  # noqa: BLE001
@@ -210,3 +210,72 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+# -- one grid point as Hydra hands it to a multirun job ---------------------------------
+@dataclass
+class JobConfig:
+    """One grid point as Hydra hands it to a multirun job."""
+
+    full: DictConfig  # with the hydra node (for .hydra/hydra.yaml and ${hydra:...})
+    task: DictConfig  # without it: what the task function receives
+    output_dir: Path
+
+
+def job_configs(sweep_dir: Path, jobs: list[list[str]], hydra_overrides: list[str] | None = None) -> list[JobConfig]:
+    """Compose each job's config as Hydra's multirun does (master config, then one sweep config per job)."""
+    return pack_jobs(load_sweep_jobs(sweep_dir, jobs, hydra_overrides))
+
+
+def load_sweep_jobs(sweep_dir: Path, jobs: list[list[str]], hydra_overrides: list[str] | None = None
+                    ) -> list[DictConfig]:
+    """Hydra's own composition of each job (``load_sweep_config`` on the multirun's master config): the
+    costly part of :func:`job_configs`, about 0.3 s a job, which a sweep does ahead in a helper process."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with conf_initialized():
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", [f"hydra.sweep.dir={sweep_dir}", *(hydra_overrides or [])],
+                                           run_mode=RunMode.MULTIRUN)
+        return [loader.load_sweep_config(master, list(overrides)) for overrides in jobs]
+
+
+def pack_jobs(loaded: list[DictConfig]) -> list[JobConfig]:
+    """Composed jobs (:func:`load_sweep_jobs`) as the numbered jobs of one pack, each with its output
+    folder and its task config, as Hydra's ``run_job`` sets them up. Takes ownership of ``loaded``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from hydra.types import RunMode
+
+    setup_globals()  # Hydra's resolvers (${hydra:...}), as its launchers register them before running jobs
+    out = []
+    for index, full in enumerate(loaded):
+        with open_dict(full):
+            full.hydra.job.id = index
+            full.hydra.job.num = index
+            full.hydra.mode = RunMode.MULTIRUN
+        HydraConfig.instance().set_config(full)
+        output_dir = Path(str(full.hydra.sweep.dir)) / str(full.hydra.sweep.subdir)
+        with read_write(full.hydra.runtime), open_dict(full.hydra.runtime):  # as Hydra's run_job sets it
+            full.hydra.runtime.output_dir = str(output_dir.resolve())
+        HydraConfig.instance().set_config(full)
+        task = copy.deepcopy(full)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        out.append(JobConfig(full, task, output_dir.resolve()))
+    return out
+
+
+@contextmanager
+def as_job(job: JobConfig) -> Iterator[None]:
+    """Make ``job``'s Hydra config the current one (``${hydra:...}``, HydraConfig.get())."""
+    from hydra.core.hydra_config import HydraConfig
+
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job.full)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            HydraConfig.instance().cfg = previous

@@ -1,6 +1,6 @@
 """One Lightning fit: the configured Trainer, graceful stops on pre-emption signals, and
 fit-then-test with an interruption told apart from a failure. Everything here imports
-Lightning; :mod:`kdexp.pipeline` builds runs around it without importing it up front.
+Lightning; :mod:`kdexp.run.engine` builds runs around it without importing it up front.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kdexp.core.config import instantiate
 from kdexp.core.console import quiet_lightning
-from kdexp.data.lightning import for_trainer
 from kdexp.core.errors import ConfigError, RunInterrupted
 from kdexp.core.files import load_weights
 from kdexp.core.records import RunRecorder
+from kdexp.data.lightning import for_trainer
 
 if TYPE_CHECKING:
     from kdexp.data.base import InMemoryDataModule
-    from kdexp.modules import SupervisedModule
+    from kdexp.run.modules import SupervisedModule
 
 quiet_lightning()  # a run that chose its verbosity before Lightning was imported (a pack training its teacher)
 

@@ -17,11 +17,14 @@ from typing import Any, NamedTuple
 
 import torch
 from filelock import FileLock
+from omegaconf import DictConfig
 from torch import nn
 
+from kdexp.core.config import to_plain
 from kdexp.core.errors import CheckpointError
 from kdexp.core.files import atomic_torch_save, load_weights, storage_error
 from kdexp.core.vocabulary import canonical_json
+from kdexp.models.hf import pretrained_identity
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class Teacher:
     source: str  # "checkpoint" | "cache" | "trained" | "pretrained" | "predictions"
     path: str
     cache_key: str | None = None
-    lineage: list[dict[str, Any]] = field(default_factory=list)  # root teacher first (see kdexp.chain)
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # root teacher first (see kdexp.teachers.chain)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -213,3 +216,23 @@ def load_cached_teacher(build_model: Callable[[], nn.Module], path: Path, num_cl
                     "torch build?); the record keeps the measured value.", path, test_acc, meta["test_acc"])
     log.debug("Reusing cached teacher %s (hash %s, test acc %.4f)", path, loaded, test_acc)
     return Teacher(model.eval(), loaded, test_acc, "cache", str(path), cache_key)
+
+
+# -- the cache keys of a run's teacher ------------------------------------------------
+def trained_teacher_key(cfg: DictConfig) -> str:
+    """The cache key of a teacher trained here: its recipe (with the weights it starts from when it
+    fine-tunes a pretrained model), the data and the trainer settings."""
+    # num_threads changes summation order, hence the trained weights: part of the key.
+    trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
+    recipe = to_plain(cfg.teacher)
+    pretrained = cfg.teacher.model.get("pretrained")
+    if pretrained:  # a pretrained model replaced in place is another starting point
+        recipe["pretrained_weights"] = pretrained_identity(str(pretrained), cfg.teacher.model.get("revision"))
+    return teacher_cache_key(recipe, to_plain(cfg.data), trainer_settings)
+
+
+def root_teacher_key(cfg: DictConfig) -> str:
+    """The cache key of the run's (root) teacher: its recipe, data and trainer settings."""
+    key = trained_teacher_key(cfg)
+    checkpoint = cfg.teacher.get("checkpoint")
+    return hashlib.sha256(f"{key}:{checkpoint}".encode()).hexdigest()[:16] if checkpoint else key

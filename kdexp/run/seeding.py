@@ -25,3 +25,12 @@ def seed_everything(seed: int) -> int:
     torch.manual_seed(seed)
     os.environ["PL_SEED_WORKERS"] = "0"
     return seed
+
+
+def apply_num_threads(num_threads: int | None) -> None:
+    """Pin torch's CPU threads (null keeps torch's default of one per core)."""
+    if num_threads is None:
+        return
+    if int(num_threads) < 1:
+        raise ConfigError(f"num_threads must be >= 1 or null, got {num_threads}.")
+    torch.set_num_threads(int(num_threads))

@@ -14,7 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+from kdexp.core.config import instantiate
 from kdexp.core.errors import ConfigError
+from kdexp.core.records import read_record
+from kdexp.data.tokenizer import load_tokenizer
+from kdexp.teachers.provision import CheckpointRole, load_teacher_weights, weights_hash
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,9 +35,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from kdexp.core.config import instantiate
-    from kdexp.core.records import read_record
-    from kdexp.teacher import CheckpointRole, load_teacher_weights, weights_hash
 
     args = parser().parse_args(argv)
     record = read_record(args.run)
@@ -58,7 +59,6 @@ def main(argv: list[str]) -> int:
     student.save_pretrained(out)
     tokenizer = config.data.get("tokenizer")
     if tokenizer and tokenizer != "bytes":  # the student reads ids of this tokenizer: ship it alongside
-        from kdexp.data.tokenizer import load_tokenizer
 
         load_tokenizer(str(tokenizer)).tokenizer.save_pretrained(str(out))
     note = {"run": str(args.run.resolve()), "run_name": record.get("run_name"), "checkpoint": str(checkpoint),

@@ -17,14 +17,14 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from kdexp.core.errors import NonFiniteLossError
-from kdexp.metrics import EvalMetrics, settings_in_force
+from kdexp.core.vocabulary import VAL_ACC
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import DistillationObjective, ModelOutputs, at_least_float32, total_loss
 from kdexp.objectives.cross_entropy import CrossEntropyOnly
+from kdexp.run.metrics import EvalMetrics, settings_in_force
 from kdexp.schedules import Schedule
-from kdexp.teacher_outputs import TeacherOutputStore, as_teacher_input
-from kdexp.core.vocabulary import VAL_ACC
+from kdexp.teachers.outputs import TeacherOutputStore, as_teacher_input
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -219,7 +219,7 @@ class DistillationModule(SupervisedModule):
     so its BatchNorm statistics and dropout never change. With a CE-only objective
     (``kd=none``) the teacher is only used to report agreement, never in the loss.
 
-    With ``teacher_store`` (precomputed outputs, :mod:`kdexp.teacher_outputs`) the
+    With ``teacher_store`` (precomputed outputs, :mod:`kdexp.teachers.outputs`) the
     teacher's outputs are looked up by split and sample index instead of computed;
     ``teacher`` may then be None (a saved-predictions run).
     """

@@ -22,7 +22,7 @@ epochs of Adam, so every operation here is chosen to compute what a single run c
 in the same order (see :class:`StudentPack` and :class:`FusedHinton`; the tests compare
 weights with ``torch.equal``).
 
-This module is the training engine; :mod:`kdexp.packed_runs` writes each member's run
+This module is the training engine; :mod:`kdexp.grid.members` writes each member's run
 folder, record, checkpoints and W&B run, and ``kdexp sweep --pack N`` uses both.
 """
 
@@ -37,13 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import stack_module_state
 
+from kdexp.models.zoo import MLP
+from kdexp.objectives.base import UNLABELLED, ModelOutputs, total_loss
+from kdexp.objectives.cross_entropy import CrossEntropyOnly
+from kdexp.objectives.hinton import HintonKD
+from kdexp.run.metrics import EvalMetrics, settings_in_force
+
 
 class StudentPack:
     """N MLP students of one shape with their parameters stacked along dimension 0."""
 
     def __init__(self, students: Sequence[nn.Module]) -> None:
-        from kdexp.models.zoo import MLP
-
         if not students:
             raise ValueError("a pack needs at least one student")
         if not all(isinstance(s, MLP) for s in students):
@@ -183,7 +187,6 @@ class Step:
 def autograd_step(pack: StudentPack, xb: Tensor, teacher: Tensor, yb: Tensor, objectives: Sequence[Any]) -> Step:
     """Each member's own objective module on its logits, differentiated by autograd: exact for any
     objective, at a dozen small autograd nodes per member and step."""
-    from kdexp.objectives.base import ModelOutputs, total_loss
 
     logits = pack.forward(xb)
     losses, terms = [], []
@@ -230,9 +233,6 @@ class FusedHinton:
 
     @staticmethod
     def handles(objectives: Sequence[Any]) -> bool:
-        from kdexp.objectives.cross_entropy import CrossEntropyOnly
-        from kdexp.objectives.hinton import HintonKD
-
         return all(type(o) is HintonKD or (type(o) is CrossEntropyOnly and not o.label_smoothing)
                    for o in objectives)
 
@@ -310,7 +310,6 @@ def train_epoch(pack: StudentPack, optimizer: torch.optim.Optimizer, x: Tensor, 
     Hinton and CE-only packs take :class:`FusedHinton`'s step once its first step has shown it
     bit-identical to :func:`autograd_step` (``pack.fused``); other objectives take autograd's.
     """
-    from kdexp.objectives.base import UNLABELLED
 
     n = len(x)
     orders = torch.stack([epoch_order(n, seed, epoch) for seed in seeds])  # (N, n)
@@ -369,8 +368,7 @@ def accuracy(outputs: Evaluated) -> Tensor:
 def member_metrics(outputs: Evaluated, i: int, teacher_logits: Tensor, num_classes: int,
                    metrics: Any = None) -> dict[str, float]:
     """Member ``i``'s evaluation metrics, updated batch by batch by the class single runs log them with
-    (``metrics``: an :class:`~kdexp.metrics.EvalMetrics` to reuse, reset after, as a run resets its own)."""
-    from kdexp.metrics import EvalMetrics
+    (``metrics``: an :class:`~kdexp.run.metrics.EvalMetrics` to reuse, reset after, as a run resets its own)."""
 
     metrics = metrics if metrics is not None else EvalMetrics(num_classes)
     for logits, targets, index in outputs:
@@ -449,14 +447,13 @@ def member_optimizer_state(optimizer: torch.optim.Optimizer, pack: StudentPack, 
 def train_pack(students: Sequence[nn.Module], *, shuffle_seeds: Sequence[int], objectives: Sequence[Any],
                datamodule: Any, teacher_logits: dict[str, Tensor], optimizer_factory: Any, max_epochs: int,
                num_classes: int, early_stopping: EarlyStopping | None = None, progress: bool = False) -> PackFit:
-    """Train ``students`` together, each as :func:`kdexp.pipeline.run_experiment` would train it alone:
+    """Train ``students`` together, each as :func:`kdexp.run.engine.run_experiment` would train it alone:
     its own data order, objective (its T and α) and optimiser slice, its best-val weights kept as
     ModelCheckpoint keeps them.
 
     ``teacher_logits``: the cached teacher logits of every split, looked up by sample index.
     ``early_stopping``: each member stops on its own, its last snapshot taken at its last epoch.
     """
-    from kdexp.metrics import EvalMetrics, settings_in_force
 
     pack = StudentPack(students)
     val_metrics = [EvalMetrics(num_classes) for _ in students]
@@ -519,7 +516,7 @@ def finish_member(outcome: MemberOutcome, pack: StudentPack, optimizer: torch.op
 def test_pack(fit: PackFit, students: Sequence[nn.Module], datamodule: Any, teacher_logits: dict[str, Tensor],
               num_classes: int, teacher_test_acc: float) -> None:
     """Each finished member's record metrics: the last epoch's ``val/*`` and ``train/*``, ``test/*``
-    at its best-val weights and ``test/*_last`` at its last, as :func:`kdexp.fitting.fit_and_test`."""
+    at its best-val weights and ``test/*_last`` at its last, as :func:`kdexp.run.fit.fit_and_test`."""
     finished = [i for i, o in enumerate(fit.outcomes) if o.error is None]
     if not finished:
         return

@@ -1,5 +1,5 @@
 """Where a student run's teacher outputs come from: the teacher online, the shared cache
-(:mod:`kdexp.teacher_outputs`), or a saved-predictions file, and what must match for a
+(:mod:`kdexp.teachers.outputs`), or a saved-predictions file, and what must match for a
 file to serve a run (teacher weights, data, tapped layers, members, dtype, top-k).
 """
 
@@ -13,14 +13,21 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor
 
-from kdexp.chain import lineage_entry
 from kdexp.core.config import choice, to_plain
-from kdexp.data.base import InMemoryDataModule
 from kdexp.core.errors import CheckpointError, ConfigError
+from kdexp.data.base import InMemoryDataModule
 from kdexp.objectives.base import DistillationObjective
-from kdexp.teacher import Teacher
-from kdexp.teacher_outputs import (OutputsMismatchError, TeacherOutputStore, cached_store, compute_store,
-                                  identity_mismatch, read_store, verify_against_teacher)
+from kdexp.teachers.chain import lineage_entry
+from kdexp.teachers.outputs import (
+    OutputsMismatchError,
+    TeacherOutputStore,
+    cached_store,
+    compute_store,
+    identity_mismatch,
+    read_store,
+    verify_against_teacher,
+)
+from kdexp.teachers.provision import Teacher
 
 log = logging.getLogger(__name__)
 

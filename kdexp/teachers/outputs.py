@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from kdexp.core.errors import CheckpointError
 from kdexp.core.files import atomic_torch_save, load_weights, storage_error
+from kdexp.core.vocabulary import canonical_json
 from kdexp.models.ensemble import TeacherEnsemble, average_probability_logits
 from kdexp.models.features import FeatureHooks
 from kdexp.objectives.base import ModelOutputs, at_least_float32
-from kdexp.core.vocabulary import canonical_json
 
 log = logging.getLogger(__name__)
 

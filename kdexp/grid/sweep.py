@@ -27,9 +27,12 @@ from typing import Any
 import yaml
 
 from kdexp.core.errors import ConfigError, KdexpError
-from kdexp.grid_compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
+from kdexp.core.files import atomic_write_text
 from kdexp.core.processes import can_fork, die_with_parent
-from kdexp.core.records import RECORD_NAME, SWEEP_ID_ENV, read_record
+from kdexp.core.records import RECORD_NAME, SELECTION_ENV, SWEEP_ID_ENV, read_record
+from kdexp.core.tracking import import_wandb, logs_to_wandb, resolve_wandb_mode
+from kdexp.grid.compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
+from kdexp.run.folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
 
 
 @dataclass
@@ -152,10 +155,10 @@ def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> 
     Catches what would otherwise abort the multirun at its first bad job (an option
     that does not exist, ``kd: hintn``) or fail each run on its own (``kd.temperature=-1``).
     A point from :func:`grid` holds every override of the run (command-line ones included).
-    ``ahead``: the grid, being composed in a helper process (:mod:`kdexp.grid_compose`).
+    ``ahead``: the grid, being composed in a helper process (:mod:`kdexp.grid.compose`).
     """
     import kdexp.data  # noqa: F401 - torch and the data classes, which validation needs: imported while the helper composes
-    from kdexp.validation import validate_config
+    from kdexp.run.validation import validate_config
 
     composed = (ahead.result() if ahead is not None else compose_grid(points)).checks
     problems: dict[str, list[GridPoint]] = {}  # message → the points that hit it
@@ -338,7 +341,7 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
 
     With a ``plan`` (``--pack N``), its packs train first in ``jobs`` worker processes, and the
     multirun then trains only the points that run alone (or that no pack trained). ``composed_jobs``:
-    each point's multirun job config, composed ahead (:mod:`kdexp.grid_compose`), for the pack workers.
+    each point's multirun job config, composed ahead (:mod:`kdexp.grid.compose`), for the pack workers.
     The children run in their own process groups, and Ctrl-C, SIGTERM or the death of
     this process stop all of them: no run keeps training after its sweep is gone.
     Interrupted runs record ``interrupted`` and resume when the sweep is run again.
@@ -371,7 +374,6 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
                 points[i] for pack in plan.packs for i in pack
                 if records.get(points[i], (None, {}))[1].get("status") not in ("finished", "failed")]
             if left:
-                from kdexp.core.files import atomic_write_text
 
                 selection = sweep_dir / f".selection-{os.getpid()}.json"
                 atomic_write_text(selection, json.dumps([list(point) for point in left]), what="sweep selection")
@@ -398,19 +400,6 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
 
 
 # -- packed grids: --pack N ------------------------------------------------------------
-# A file listing the grid points the multirun trains after the packs; it skips the others.
-SELECTION_ENV = "KDEXP_SWEEP_SELECTION"
-
-
-def left_to_packs(overrides: list[str]) -> bool:
-    """In a multirun job: this grid point belongs to a pack of a ``--pack`` sweep, not to the multirun."""
-    path = os.environ.get(SELECTION_ENV)
-    if not path:
-        return False
-    selected = {tuple(point) for point in json.loads(Path(path).read_text())}
-    return tuple(sorted(overrides)) not in selected
-
-
 @dataclass
 class PackPlan:
     """Which grid points (by index) train together, and which run alone and why."""
@@ -436,11 +425,9 @@ class PackPlan:
 def plan_packs(points: list[GridPoint], cfgs: list[Any], sweep_dir: Path, size: int, force: bool,
                workers: int = 1) -> PackPlan:
     """Group the points that still have to run into packs of up to ``size`` (see
-    :func:`kdexp.packed.pack_groups`); a killed single run resumes alone, and a point with no
+    :func:`kdexp.grid.pack.pack_groups`); a killed single run resumes alone, and a point with no
     partner runs alone (a pack of one shares nothing)."""
-    from kdexp.packed import pack_groups
-    from kdexp.packed_runs import logs_to_wandb
-    from kdexp.run_folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
+    from kdexp.grid.pack import pack_groups  # torch: after the fork of the composing helper (kdexp.grid.compose)
 
     records = collect(sweep_dir)
     plan = PackPlan(size)
@@ -487,11 +474,11 @@ def jobs_to_compose(spec: SweepSpec, overrides: list[str], points: list[GridPoin
 def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], plan: PackPlan, sweep_dir: Path,
               jobs: int, force: bool, composed_jobs: list[Any] | None = None, sweep_id: str | None = None) -> int:
     """Queue the plan's packs and train them in ``jobs`` worker processes (:class:`ForkedWorker`, which
-    is handed the members' configs composed ahead, or ``python -m kdexp.packed_runs`` where this
+    is handed the members' configs composed ahead, or ``python -m kdexp.grid.workers`` where this
     process cannot fork)."""
     import shutil
 
-    from kdexp.packed_runs import import_wandb, write_queue
+    from kdexp.grid.workers import write_queue  # torch and the pack engine: only a packed sweep loads them
 
     queue = sweep_dir / f".packs-{os.getpid()}"
     paths = write_queue(queue, [{"sweep_dir": str(sweep_dir), "if_finished": "rerun" if force else "skip",
@@ -507,19 +494,19 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
             composed = None if composed_jobs is None else \
                 {path.name: [composed_jobs[i] for i in pack] for path, pack in zip(paths, plan.packs)}
             return _wait_all([ForkedWorker(queue, env, composed) for _ in range(workers)])
-        return _wait_all([_start([sys.executable, "-m", "kdexp.packed_runs", str(queue)], env)
+        return _wait_all([_start([sys.executable, "-m", "kdexp.grid.workers", str(queue)], env)
                           for _ in range(workers)])
     finally:
         shutil.rmtree(queue, ignore_errors=True)
 
 
 class ForkedWorker:
-    """A pack worker (:func:`kdexp.packed_runs.work`) forked from this process, in its own process
+    """A pack worker (:func:`kdexp.grid.workers.work`) forked from this process, in its own process
     group, with the waiting interface of ``subprocess.Popen`` that :func:`_wait_all` and
     :func:`_stop_groups` use.
 
     Why a fork: this process has already imported what a worker needs (torch, ``torch._dynamo``,
-    W&B, Hydra; :func:`kdexp.packed_runs.import_for_workers`), and a fresh interpreter spends
+    W&B, Hydra; :func:`kdexp.grid.workers.import_for_workers`), and a fresh interpreter spends
     3–4 s importing them again, a quarter of a 12-run packed sweep. The sweep's own torch never ran
     a multi-threaded region before the fork (``kdexp sweep --pack`` sets one thread before it
     checks the grid), so no OpenMP pool is inherited half-alive.
@@ -549,7 +536,7 @@ def _forked_work(queue: str, env: dict[str, str], composed: dict[str, list[Any]]
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
     os.environ.clear()
     os.environ.update(env)
-    from kdexp.packed_runs import work
+    from kdexp.grid.workers import work  # in the forked worker: torch was imported by the sweep before the fork
 
     try:
         sys.exit(work(Path(queue), composed))
@@ -571,7 +558,6 @@ def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:
 
 def create_wandb_sweep(spec: SweepSpec, overrides: list[str], project: str, entity: str | None) -> str:
     """Create the sweep on the W&B server and return ``entity/project/id``."""
-    from kdexp.core.tracking import resolve_wandb_mode
 
     mode, reason = resolve_wandb_mode("auto")
     if mode != "online":

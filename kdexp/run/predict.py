@@ -20,8 +20,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from kdexp.core.config import compose_run
+from kdexp.core.config import compose_run, instantiate, objective_node
+from kdexp.core.console import configure_console
 from kdexp.core.errors import ConfigError
+from kdexp.run.engine import ensure_stages
+from kdexp.run.seeding import apply_num_threads
+from kdexp.run.teacher import get_teachers
+from kdexp.run.validation import validate_config
+from kdexp.teachers.outputs import compute_store, save_store
+from kdexp.teachers.source import CACHE_MAX_MB, outputs_megabytes, teacher_output_identity
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +48,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from kdexp.core.config import instantiate, objective_node
-    from kdexp.pipeline import apply_num_threads, get_teachers
-    from kdexp.teacher_source import CACHE_MAX_MB, outputs_megabytes, teacher_output_identity
-    from kdexp.teacher_outputs import compute_store, save_store
-    from kdexp.validation import validate_config
-
-    from kdexp.core.console import configure_console
 
     args = parser().parse_intermixed_args(argv)
     configure_console(verbose=False)
@@ -69,6 +69,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"the teacher's outputs on this data would take {megabytes:.0f} MB (over {CACHE_MAX_MB} MB): "
                           "a language model's logits at every position. Pass --topk 8 to keep each position's 8 "
                           "largest logits and the rest's total, or --force to write them all anyway.")
+    ensure_stages(cfg)  # a chain's assistants, trained as runs when they have not finished
     teacher, members = get_teachers(cfg, datamodule)
     objective = instantiate(objective_node(cfg), what="kd")
     identity = {**teacher_output_identity(cfg, teacher, datamodule.fingerprint(), len(members),

@@ -19,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.core.config import instantiate, objective_node
 from kdexp.core.errors import ConfigError, KdexpError
-from kdexp.models.features import tap_points
 from kdexp.core.tasks import task_of
+from kdexp.data.base import available_memory_bytes, gigabytes
+from kdexp.data.tokenizer import load_tokenizer, model_dir_tokenizer_fingerprint
+from kdexp.models.features import tap_points
+from kdexp.teachers.chain import assistant_config, chain_of, parse_entry
 
 _UNSET = object()
 
@@ -243,7 +246,6 @@ def _check_tokenizers(cfg: DictConfig) -> None:
              if node is not None and node.get("pretrained") and Path(str(node.get("pretrained"))).expanduser().is_dir()}
     if not saved:  # models built here have no tokenizer of their own: they take the data's
         return
-    from kdexp.data.tokenizer import load_tokenizer, model_dir_tokenizer_fingerprint
 
     data_spec = cfg.data.get("tokenizer") or "bytes"
     data_print = load_tokenizer(data_spec).fingerprint()
@@ -277,7 +279,6 @@ def _check_transfer_memory(cfg: DictConfig) -> None:
     anything runs, rather than failing (or swapping) after hours of generation."""
     from hydra.utils import get_object
 
-    from kdexp.data.base import available_memory_bytes, gigabytes
 
     try:
         data_class = get_object(str(cfg.data._target_))
@@ -298,7 +299,6 @@ def _check_transfer_memory(cfg: DictConfig) -> None:
 
 def _check_chain(cfg: DictConfig, objective: Any) -> None:
     """Each assistant of a ``chain`` parses, is built, fits the data, and can teach the next stage."""
-    from kdexp.chain import assistant_config, chain_of, parse_entry
 
     chain = chain_of(cfg)
     if not chain:

@@ -1,7 +1,7 @@
 """Evaluation metrics of a classifier in plain torch: accuracy, calibration, likelihood and agreement.
 
 Single runs log them from their LightningModule and packed runs from their own loop
-(:mod:`kdexp.packed`), so both compute each number the same way, batch by batch. They are
+(:mod:`kdexp.grid.pack`), so both compute each number the same way, batch by batch. They are
 plain torch, not torchmetrics, because importing torchmetrics (it imports transformers and
 scipy.signal) takes 2.5 s: a packed sweep's workers train without it.
 
