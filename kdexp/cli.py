@@ -51,48 +51,13 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def sweep_main(argv: list[str]) -> int:
-    from kdexp.grid import sweep
-    from kdexp.grid.compose import ComposeAhead
+    """``kdexp sweep``: the arguments, handed to :func:`kdexp.api.sweep` (which prints and returns the exit code)."""
+    from kdexp import api
 
     args = sweep_parser().parse_intermixed_args(argv)
-    if args.jobs < 1:
-        raise KdexpError(f"--jobs must be >= 1, got {args.jobs}.")
-    if args.pack < 0 or args.pack == 1:
-        raise KdexpError(f"--pack must be >= 2 (students per pack), or 0 for no packing; got {args.pack}.")
-    if args.pack and (args.wandb or args.launcher != "local"):
-        raise KdexpError("--pack trains packs on this machine; it does not combine with --wandb or --launcher "
-                         "slurm (there each run is its own job). Drop --pack, or run the sweep locally.")
-    spec = sweep.load_sweep(args.file)
-    sweep_dir = (args.dir or Path("outputs") / "sweeps" / spec.name).resolve()
-    points = sweep.grid(spec, args.overrides, sample_seed=args.sample_seed)
-    # Hydra composes the grid in helper processes while this one imports torch (they are forked
-    # before torch is imported here: see kdexp.grid.compose); pack members are composed too.
-    packs_run = bool(args.pack) and not args.dry_run
-    ahead = ComposeAhead(points, sweep.jobs_to_compose(spec, args.overrides, points, sweep_dir) if packs_run else None)
-    try:
-        if args.pack:
-            import torch
-
-            torch.set_num_threads(1)  # pack workers are forked from this process: no OpenMP pool to inherit
-        if packs_run:
-            from kdexp.grid.workers import import_for_workers
-
-            import_for_workers(wandb=sweep.may_log_to_wandb(points))  # while the helper composes
-        cfgs = sweep.check_points(points, ahead)  # every point composes and validates, or nothing runs
-        plan = sweep.plan_packs(points, cfgs, sweep_dir, args.pack, args.force, args.jobs) if args.pack else None
-        if args.dry_run:
-            print(sweep.dry_run(points, sweep_dir, args.force, plan))
-            return 0
-        if args.wandb:
-            path = sweep.create_wandb_sweep(spec, args.overrides, args.project, args.entity)
-            print(f"Created W&B sweep {path} ({len(points)} runs in the grid).\n"
-                  f"On every machine that should join (in a checkout with `make setup` done):\n"
-                  f"  .venv/bin/wandb agent {path}")
-            return 0
-        return sweep.run_local(spec, points, args.overrides, sweep_dir, jobs=args.jobs, force=args.force,
-                               launcher=args.launcher, plan=plan, composed_jobs=ahead.result().jobs)
-    finally:
-        ahead.close()
+    return api.sweep(args.file, args.overrides, dir=args.dir, jobs=args.jobs, pack=args.pack, force=args.force,
+                     dry_run=args.dry_run, launcher=args.launcher, sample_seed=args.sample_seed, wandb=args.wandb,
+                     project=args.project, entity=args.entity).code
 
 
 def main(argv: list[str] | None = None) -> int:

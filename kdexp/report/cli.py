@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdexp.report.build import DEFAULT_COLS, DEFAULT_ROWS, ReportSpec, make_tables
+from kdexp.report.build import DEFAULT_COLS, DEFAULT_ROWS, ReportSpec, make_ablation
 from kdexp.report.errors import ReportError
-from kdexp.report.formats import render_csv, render_latex, render_markdown, tidy_frame, write_text
+from kdexp.report.formats import render_csv, tidy_frame, write_text
 from kdexp.report.sources import load_sources
 from kdexp.report.table import Table
 from kdexp.core.vocabulary import TEST_ACC
@@ -128,14 +128,14 @@ def _run(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         return 0
-    tables, more = make_tables(records, spec)
-    markdown = render_markdown(tables)
+    report = make_ablation(records, spec)  # what the Python API's ablation_table returns
+    tables, markdown = report.tables, report.markdown
     stdout_taken = "-" in (args.latex, args.csv)
     print(markdown, end="", file=sys.stderr if stdout_taken else sys.stdout)  # keep stdout parseable
-    for note in notes + more:
+    for note in notes + report.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.latex:
-        _emit(render_latex(tables), args.latex, "LaTeX")
+        _emit(report.latex, args.latex, "LaTeX")
     if args.csv:
         _emit(render_csv(tables), args.csv, "CSV")
     if args.plots:
