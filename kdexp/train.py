@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 
 from kdexp.core.config import CONF_DIR
 from kdexp.core.console import configure_console
-from kdexp.core.errors import KdexpError, RunInterrupted
+from kdexp.core.distributed import JoinedRun, ddp_launch_problem, joined_run
+from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.core.files import storage_error
 from kdexp.core.processes import run_then_exit
 from kdexp.core.vocabulary import TEST_ACC
@@ -35,6 +36,7 @@ from kdexp.core.vocabulary import TEST_ACC
 log = logging.getLogger("kdexp")
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 _task_started = False  # Hydra exits 1 both for its own config errors and for crashes; this tells them apart
+_from_command_line = False  # set by the Hydra entry point: only a command line can start DDP ranks again
 
 
 def _in_multirun() -> bool:
@@ -53,15 +55,21 @@ def log_file_held_back(output_dir: Path) -> Iterator[None]:
     the handler is detached here and re-attached (opening a fresh file) only once the
     folder is claimed. On refusal the message goes to the console alone.
     """
+    held = detach_log_files(output_dir)
+    yield  # on an exception the handlers stay detached: a refusal never writes into the folder
+    for handler in held:
+        logging.getLogger().addHandler(handler)  # FileHandler(delay=True) reopens the file on the next message
+
+
+def detach_log_files(output_dir: Path) -> list[logging.FileHandler]:
+    """Detach (and close) the root logger's file handlers that write into ``output_dir``; returns them."""
     root = logging.getLogger()
     held = [h for h in root.handlers if isinstance(h, logging.FileHandler)
             and Path(h.baseFilename).resolve().is_relative_to(output_dir.resolve())]
     for handler in held:
         root.removeHandler(handler)
         handler.close()
-    yield  # on an exception the handlers stay detached: a refusal never writes into the folder
-    for handler in held:
-        root.addHandler(handler)  # FileHandler(delay=True) reopens the file on the next message
+    return held
 
 
 def run(cfg: DictConfig) -> dict:
@@ -74,15 +82,57 @@ def run(cfg: DictConfig) -> dict:
     configure_console(bool(cfg.get("verbose", False)))  # first: the teacher may be trained (and print) below
     task_cfg, cfg = cfg, with_runtime(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    joined = joined_run()
+    if joined is not None:
+        return join_run(cfg, output_dir, joined)
+    with log_file_held_back(output_dir):  # a refusal writes nothing into the folder (it may hold a finished run)
+        problem = ddp_launch_problem(cfg.trainer, in_sweep=_in_multirun(), from_command_line=_from_command_line)
+        if problem:
+            raise ConfigError(problem)
     return run_in_folder(cfg, output_dir, lambda recorder, last: run_experiment(cfg, recorder, resume_from=last),
                          task_cfg=task_cfg, if_finished=str(cfg.if_finished), resume=bool(cfg.resume),
                          held=lambda: log_file_held_back(output_dir))
 
 
+class RankPrefix(logging.Filter):
+    """Start each console line of a DDP rank above 0 with ``[rank N]``: its lines mix with rank 0's."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.msg.startswith(self.prefix):
+            record.msg = self.prefix + record.msg
+        return True
+
+
+def join_run(cfg: DictConfig, output_dir: Path, joined: JoinedRun) -> dict:
+    """A DDP rank above 0 (see :mod:`kdexp.core.distributed`): train and evaluate its share of rank 0's run
+    in ``output_dir``, writing nothing there. Returns the record it kept in memory (never written)."""
+    # Imported here, as in run(): the engine imports torch, which `import kdexp.train` must not.
+    from kdexp.core.records import RunRecorder
+    from kdexp.run.engine import run_experiment
+    from kdexp.run.lifecycle import base_record
+
+    if output_dir.resolve() != Path(joined.folder).resolve():
+        raise KdexpError(f"DDP rank {joined.rank} was started for the run in {joined.folder}, but its config names "
+                         f"{output_dir}; please report this with the command line.")
+    detach_log_files(output_dir)  # rank 0 writes the run's train.log
+    if not cfg.get("verbose", False):  # rank 0 says what the run does; this rank speaks up for problems only
+        logging.getLogger("kdexp").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RankPrefix(joined.rank))
+    recorder = RunRecorder(output_dir, base_record(cfg), written=False)
+    run_experiment(cfg, recorder, resume_from=Path(joined.resume_from) if joined.resume_from else None)
+    return recorder.record
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    global _task_started
+    global _task_started, _from_command_line
     _task_started = True
+    _from_command_line = True
     try:
         record = run(cfg)
     except (RunInterrupted, KeyboardInterrupt) as err:

@@ -5,8 +5,8 @@ bar on a terminal, the result line, and warnings. Lightning's info lines ("GPU
 available", "TPU available", the litlogger tip, "`Trainer.fit` stopped", "Restoring
 states from the checkpoint", the model summary), W&B's banners and run-history
 sparklines, Lightning's ``LeafSpec`` deprecation warning, its "`srun` is available but not
-used" hint on SLURM machines, and the joblib launcher's ``Joblib.Parallel(...)`` line stay off
-the console.
+used" hint on SLURM machines, the joblib launcher's ``Joblib.Parallel(...)`` line and submitit's
+"Bypassing sacct error" warnings stay off the console.
 
 ``verbose=true`` brings all of it back, plus kdexp's own details (logged at DEBUG).
 W&B's own switches work as usual: a user who sets ``WANDB_SILENT`` or ``WANDB_QUIET``
@@ -38,6 +38,9 @@ LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 SRUN_HINT_WARNING = r"The `srun` command is available on your system but is not used"
 # Where hydra-joblib-launcher logs its lines (the Joblib.Parallel repr among them).
 JOBLIB_LAUNCHER_LOGGER = "hydra_plugins.hydra_joblib_launcher"
+# submitit warns "Call #N - Bypassing sacct error ..., status may be inaccurate." on every poll of a cluster
+# without accounting (sacct fails there); kdexp's SLURM launcher watches squeue, so the warning says nothing.
+SUBMITIT_LOGGER, SACCT_WARNING = "submitit", "Bypassing sacct error"
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -94,6 +97,26 @@ def configure_console(verbose: bool, lightning: bool = True) -> None:
     warnings.filterwarnings("default" if verbose else "ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
     # By message only: its category (PossibleUserWarning) lives in Lightning, which a pack worker never imports.
     warnings.filterwarnings("default" if verbose else "ignore", message=SRUN_HINT_WARNING)
+
+
+class SacctWarningFilter(logging.Filter):
+    """Drop submitit's sacct warning (:data:`SACCT_WARNING`) unless ``verbose``."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = bool(verbose)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or SACCT_WARNING not in record.getMessage()
+
+
+def quiet_submitit(verbose: bool) -> None:
+    """Keep submitit's sacct warnings off the console (``verbose=True``: let them through). On its logger,
+    not a handler: submitit prints through handlers of its own as well as the root's."""
+    logger = logging.getLogger(SUBMITIT_LOGGER)
+    for old in [f for f in logger.filters if isinstance(f, SacctWarningFilter)]:
+        logger.removeFilter(old)
+    logger.addFilter(SacctWarningFilter(verbose))
 
 
 def quiet_lightning() -> None:

@@ -49,6 +49,20 @@ def sweep_fields() -> dict[str, str]:
     return {"sweep_id": sweep_id} if sweep_id else {}
 
 
+# What a SLURM job's environment says about it (sbatch sets these in every job), as record keys.
+SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+             "node": "SLURMD_NODENAME", "partition": "SLURM_JOB_PARTITION"}
+
+
+def slurm_fields() -> dict[str, dict[str, str | None]]:
+    """``{"slurm": {"job_id", "array_job_id", "array_task_id", "node", "partition"}}`` inside a SLURM job
+    (``SLURM_JOB_ID`` set), else nothing. ``job_id`` is the task's own id (what ``scontrol`` and
+    ``sacct`` take); squeue shows an array task as ``<array_job_id>_<array_task_id>``."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    return {"slurm": {key: os.environ.get(name) or None for key, name in SLURM_ENV.items()}}
+
+
 def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
     """Write atomically, so a crash never leaves half a record."""
     text = json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n"
@@ -122,11 +136,14 @@ class RunRecorder:
     The record is written as ``running`` at the start, so a run killed from
     outside still leaves a trace of what it was. ``resumes`` continues the record of
     an interrupted run of the same config: its start time, W&B id and earlier wall
-    time are kept, and ``resumed`` lists each continuation.
+    time are kept, and ``resumed`` lists each continuation. ``written=False``: the record is
+    kept in memory only (a DDP rank above 0, whose run's record is rank 0's).
     """
 
-    def __init__(self, folder: str | Path, base: dict[str, Any], resumes: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: str | Path, base: dict[str, Any], resumes: dict[str, Any] | None = None,
+                 written: bool = True) -> None:
         self.folder = Path(folder)
+        self.written = written
         self._start = time.time()
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._start))
         self._earlier_wall_time = float((resumes or {}).get("wall_time_s") or 0.0)
@@ -147,15 +164,19 @@ class RunRecorder:
             }]
         self.record.update({**base, "status": "running"})
         self.timer = PartTimer()  # seconds per part of the run, written at the end
-        write_record(self.folder, self.record)
+        self._write()
 
     def timed(self, part: str):
         """Add the wall time of the block to ``timings_s[part]`` (where a run's time goes)."""
         return self.timer.timed(part)
 
+    def _write(self) -> None:
+        if self.written:
+            write_record(self.folder, self.record)
+
     def update(self, **fields: Any) -> None:
         self.record.update(fields)
-        write_record(self.folder, self.record)
+        self._write()
 
     def finish(self, status: str, error: BaseException | None = None) -> dict[str, Any]:
         self.record["status"] = status
@@ -170,5 +191,5 @@ class RunRecorder:
                 "message": str(error),
                 "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
             }
-        write_record(self.folder, self.record)
+        self._write()
         return self.record

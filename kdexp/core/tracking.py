@@ -32,7 +32,7 @@ WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run go
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
 RUN_CONFIG_EXTRAS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "student_parameters",
-                     "output_dir", "objective", "teacher_outputs", "stage", "lineage")
+                     "output_dir", "objective", "teacher_outputs", "stage", "lineage", "slurm")
 
 
 def wandb_run_config(config: dict[str, Any], **extras: Any) -> dict[str, Any]:

@@ -20,8 +20,14 @@ class IndexBatches:
     """An iterable of ``(x, y, index)`` batches over in-memory tensors.
 
     Shuffling is reproducible: epoch ``e`` uses the permutation drawn from
-    ``seed + e``. Under DDP each rank takes every ``world_size``-th batch of the
-    same permutation (Lightning's sampler injection is switched off for these).
+    ``seed + e``. Under DDP (Lightning's sampler injection is switched off for these)
+    each rank of a shuffled (training) split takes every ``world_size``-th batch of the
+    same permutation, and every rank the same number of batches, or DDP would hang on
+    the last one: a global step trains on ``world_size`` consecutive batches, and an
+    epoch leaves out the last ``len % world_size`` of them. An unshuffled (evaluation)
+    split is divided by samples instead: rank ``r`` takes the ``r``-th of ``world_size``
+    contiguous shares, so every sample is evaluated exactly once (the metrics add the
+    ranks' sums up, see :mod:`kdexp.run.metrics`).
 
     Inside a Trainer, ``position`` reports ``(epoch, batches already trained in it)``
     from the trainer's own progress counters. The epoch then picks the permutation
@@ -63,8 +69,18 @@ class IndexBatches:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def _sample_share(self) -> tuple[int, int] | None:
+        """This rank's contiguous ``[start, stop)`` of an unshuffled split under DDP; None otherwise."""
+        if self.shuffle or self.world_size <= 1:
+            return None
+        n = len(self.x)
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
     def __len__(self) -> int:
-        # Every rank gets the same number of batches, or DDP would hang on the last one.
+        share = self._sample_share()
+        if share is not None:  # may differ by one batch between ranks: evaluation steps need no partner
+            size = share[1] - share[0]
+            return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
         return self._num_batches_total() // self.world_size if self.world_size > 1 else self._num_batches_total()
 
     def state_dict(self) -> dict[str, int]:
@@ -77,11 +93,12 @@ class IndexBatches:
     def __iter__(self):
         n = len(self.x)
         epoch = self.position()[0] if self.position is not None else self.epoch
+        share = self._sample_share()
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=generator)
         else:
-            order = torch.arange(n)
+            order = torch.arange(*share) if share is not None else torch.arange(n)
         self.epoch = epoch + 1
         # Skip what was trained before a mid-epoch stop; a checkpoint taken at the end of
         # an epoch (all batches done) continues with the next epoch from its start.
@@ -89,7 +106,8 @@ class IndexBatches:
         if self._resume_at is not None and self._resume_at[0] == epoch and self._resume_at[1] < len(self):
             skip = self._resume_at[1]
         self._resume_at = None
-        for b in range(self.rank + skip * self.world_size, len(self) * self.world_size, self.world_size):
+        rank, world = (0, 1) if share is not None else (self.rank, self.world_size)  # a share is batched whole
+        for b in range(rank + skip * world, len(self) * world, world):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.x[index]
             if self.transform is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from kdexp.core.distributed import ddp_launch_problem
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.files import atomic_write_text
 from kdexp.core.processes import can_fork, die_with_parent
@@ -168,6 +169,9 @@ def check_points(points: list[GridPoint], ahead: ComposeAhead | None = None) -> 
                 problems.setdefault(cfg, []).append(point)
                 continue
             validate_config(cfg)
+            ddp_problem = ddp_launch_problem(cfg.trainer, in_sweep=True, from_command_line=True)
+            if ddp_problem:
+                raise ConfigError(ddp_problem)
         except Exception as err:  # kdexp's ConfigError, and what instantiating a bad value raises
             problems.setdefault(problem_message(err), []).append(point)
     if problems:
@@ -324,12 +328,12 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> int:
+def _wait_all(procs: list[subprocess.Popen], stopping: str = "stopping the runs (each saves its progress)") -> int:
     """The largest exit code of ``procs``; on Ctrl-C (or SIGTERM here) all of them are stopped first."""
     try:
         return max([proc.wait() for proc in procs], default=0)
     except KeyboardInterrupt:
-        print("\nkdexp sweep: interrupted; stopping the runs (each saves its progress) ...", flush=True)
+        print(f"\nkdexp sweep: interrupted; {stopping} ...", flush=True)
         _stop_groups(procs)
         raise
 
@@ -383,6 +387,8 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
                     returncode = max(returncode, _wait_all([_start(command, env)]))
                 finally:
                     selection.unlink(missing_ok=True)
+        elif launcher == "slurm":  # the multirun's launcher cancels its SLURM jobs when it is stopped
+            returncode = _wait_all([_start(command, env)], "cancelling the SLURM jobs it submitted")
         else:
             returncode = _wait_all([_start(command, env)])
     except KeyboardInterrupt:

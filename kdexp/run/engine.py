@@ -30,7 +30,7 @@ from kdexp.run.lifecycle import build_logger, checkpoint_files, earlier_wandb_ru
 from kdexp.run.metrics import EvalMetrics
 from kdexp.run.seeding import apply_num_threads, seed_everything
 from kdexp.run.student import data_sizes, objective_label, run_name_for, student_wandb_config
-from kdexp.run.teacher import get_teachers
+from kdexp.run.teacher import get_teachers, refuse_training_in_joined_rank
 from kdexp.schedules import Schedule
 from kdexp.teachers.chain import assistant_config, chain_of
 from kdexp.teachers.provision import INIT_FILE_ROLE, Teacher, load_teacher_weights, weights_hash
@@ -90,7 +90,10 @@ def trained_stage(stage_cfg: DictConfig) -> None:
 
 
 def train_stage(stage_cfg: DictConfig, folder: Path) -> None:
-    """Run one assistant of a chain as an ordinary run in ``folder`` (resuming an interrupted one)."""
+    """Run one assistant of a chain as an ordinary run in ``folder`` (resuming an interrupted one), in one
+    process (:func:`~kdexp.teachers.chain.assistant_config`): under DDP, rank 0 trains the stages before
+    the other ranks exist, and they load them."""
+    refuse_training_in_joined_rank(f"chain stage in {folder}")
     stage_cfg = stage_cfg.copy()
     OmegaConf.set_struct(stage_cfg, False)
     stage_cfg.paths.output_dir = str(folder)

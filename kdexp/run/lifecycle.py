@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdexp.core.config import choice, choices, instantiate, to_plain
 from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.core.files import atomic_write_text
-from kdexp.core.records import RECORD_NAME, SELECTION_ENV, RunRecorder, read_record, sweep_fields
+from kdexp.core.records import RECORD_NAME, SELECTION_ENV, RunRecorder, read_record, slurm_fields, sweep_fields
 from kdexp.core.tasks import AUTO, task_of
 from kdexp.core.tracking import finish_wandb
 from kdexp.core.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
@@ -85,7 +85,9 @@ def open_run(cfg: DictConfig, folder: Path, *, task_cfg: DictConfig | None = Non
     run's log file closed until the folder is its own). Raises :class:`ConfigError` for an invalid config
     and :class:`KdexpError` for a folder that cannot be claimed.
     """
-    if not selected(list(cfg.get("overrides") or [])):  # hands off, not even a log line in its folder
+    # A Hydra job (one with a task config) of a `--pack` sweep's multirun whose point a pack trains:
+    # hands off, not even a log line in its folder. A stage or a teacher is always its student's to train.
+    if task_cfg is not None and not selected(list(cfg.get("overrides") or [])):
         return OpenedRun("unselected", folder, previous=read_record(folder) or {})
     taken: Claim | None = None
     if claim:
@@ -137,112 +139,7 @@ def run_in_folder(cfg: DictConfig, folder: Path, train: Callable[[RunRecorder, P
     return recorder.record
 
 
-# -- closing a run -------------------------------------------------------------------
-def finish_run(recorder: RunRecorder, status: str, error: BaseException | None = None) -> None:
-    """Close the run's W&B run (first: the record then states what W&B did) and its record."""
-    if status == "finished":
-        with recorder.timed("logger_finish"):
-            finish_wandb()
-    else:
-        finish_wandb(exit_code=1)
-    recorder.finish(status, error)
-
-
-def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
-                 run_id: str | None = None, objective_name: str = "ce", lightning: bool = True) -> Any:
-    """The configured experiment logger, a Lightning ``Logger`` (``logger=none`` gives None); ``run_id``
-    continues that W&B run. ``lightning=False``: kdexp's W&B logger gives its run as a
-    :class:`~kdexp.core.tracking.WandbRun`, without importing Lightning (other loggers are Lightning's).
-
-    Tags name the objective actually used (``objective_name``), not the ``kd`` option it
-    was composed from: a plug-in set with ``kd._target_=...`` is tagged as itself.
-    """
-    if not cfg.get("logger"):
-        return None
-    group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
-    factory = instantiate(cfg.logger)
-    extra: dict[str, Any] = {}
-    if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
-        extra["tags"] = [choice(cfg, "data"), objective_name, choice(cfg, "student"), job_type,
-                         *cfg.get("tags", []), *cfg.logger.tags]
-    if run_id:
-        extra["run_id"] = run_id
-    if not lightning and cfg.logger.get("_target_") == "kdexp.core.tracking.wandb_logger":
-        extra["lightning"] = False
-    return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
-
-
-def checkpoint_files(output_dir: Path) -> dict[str, str | None]:
-    """The run's checkpoint files (``best``: best val/acc; ``last``: the last finished epoch)."""
-    folder = output_dir / "checkpoints"
-    return {name: str(folder / f"{name}.ckpt") if (folder / f"{name}.ckpt").is_file() else None
-            for name in ("best", "last")}
-
-
-def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM outside Lightning (making the data or a teacher's outputs): stop as Ctrl-C does.
-
-    While Lightning fits or tests, its own handler runs first and then calls this one, the handler it
-    found: Lightning stops after the batch and saves ``last.ckpt``, so this one leaves the stop to it.
-    """
-    if signal.getsignal(signal.SIGTERM) is _interrupt_on_sigterm:
-        raise RunInterrupted("stopped by SIGTERM outside training (while the data, the teacher or its outputs "
-                             "were prepared). Run the same command again: it continues from checkpoints/last.ckpt "
-                             "when there is one, and starts afresh otherwise.")
-
-
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`RunInterrupted` (whose record then says interrupted)
-    instead of killing the process with its record left ``running``. A handler installed before
-    (submitit's, a pack worker's) stays in charge, as it does in a fit."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _interrupt_on_sigterm):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
-    """Close the run's record and its W&B run however the block ends.
-
-    A clean exit marks both finished; Ctrl-C or a stop signal (SIGTERM outside a fit too, see
-    :func:`sigterm_interrupts`) marks the record ``interrupted`` (a later run of the same command
-    resumes it); any other exception marks it failed. The error is kept in the record and propagates.
-    """
-    with sigterm_interrupts():
-        try:
-            yield recorder
-        except (KeyboardInterrupt, RunInterrupted) as err:
-            finish_run(recorder, "interrupted", err)
-            raise
-        except BaseException as err:
-            finish_run(recorder, "failed", err)
-            raise
-        finish_run(recorder, "finished")
-
-
-def earlier_wandb_run(previous: dict[str, Any], record: dict[str, Any], resume_from: Path | None
-                      ) -> dict[str, Any] | None:
-    """The W&B run that holds a resumed run's earlier epochs, when the resumed part logs to none
-    (``logger=csv`` or ``none``): still this run's, so the record keeps pointing at it, and says that
-    its history ends where this continuation began (``history_until``)."""
-    if resume_from is None or not previous.get("id"):
-        return None
-    return {**previous, "history_until": previous.get("history_until") or record["resumed"][-1]["at"]}
-
-
-def base_record(cfg: DictConfig) -> dict[str, Any]:
-    """What a record knows before the run starts."""
-    return {"config": to_plain(cfg), "choices": choices(cfg), "overrides": list(cfg.get("overrides") or []),
-            "seed": cfg.get("seed"), **sweep_fields()}
-
-
+# -- what a run's config and record start with -----------------------------------------
 def with_runtime(cfg: DictConfig) -> DictConfig:
     """Copy Hydra's runtime facts (group choices, overrides) into the config as plain keys."""
     from hydra.core.hydra_config import HydraConfig
@@ -256,6 +153,12 @@ def with_runtime(cfg: DictConfig) -> DictConfig:
     if cfg.get("task", AUTO) == AUTO and "_target_" in cfg.get("data", {}):
         cfg.task = task_of(cfg).name  # records and W&B state the task itself, not "auto"
     return cfg
+
+
+def base_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a record knows before the run starts."""
+    return {"config": to_plain(cfg), "choices": choices(cfg), "overrides": list(cfg.get("overrides") or []),
+            "seed": cfg.get("seed"), **sweep_fields(), **slurm_fields()}
 
 
 def write_hydra_files(output_dir: Path, cfg: DictConfig) -> None:
@@ -304,6 +207,107 @@ class AnnouncingRecorder(RunRecorder):
             self._announced = True
             resumed = " (resumed)" if self.record.get("resumed") else ""
             log.info("Training %s%s → %s", fields["run_name"], resumed, self.folder)
+
+
+# -- the run's W&B run and files ------------------------------------------------------
+def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, config: dict[str, Any],
+                 run_id: str | None = None, objective_name: str = "ce", lightning: bool = True) -> Any:
+    """The configured experiment logger, a Lightning ``Logger`` (``logger=none`` gives None); ``run_id``
+    continues that W&B run. ``lightning=False``: kdexp's W&B logger gives its run as a
+    :class:`~kdexp.core.tracking.WandbRun`, without importing Lightning (other loggers are Lightning's).
+
+    Tags name the objective actually used (``objective_name``), not the ``kd`` option it
+    was composed from: a plug-in set with ``kd._target_=...`` is tagged as itself.
+    """
+    if not cfg.get("logger"):
+        return None
+    group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
+    factory = instantiate(cfg.logger)
+    extra: dict[str, Any] = {}
+    if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
+        extra["tags"] = [choice(cfg, "data"), objective_name, choice(cfg, "student"), job_type,
+                         *cfg.get("tags", []), *cfg.logger.tags]
+    if run_id:
+        extra["run_id"] = run_id
+    if not lightning and cfg.logger.get("_target_") == "kdexp.core.tracking.wandb_logger":
+        extra["lightning"] = False
+    return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
+
+
+def earlier_wandb_run(previous: dict[str, Any], record: dict[str, Any], resume_from: Path | None
+                      ) -> dict[str, Any] | None:
+    """The W&B run that holds a resumed run's earlier epochs, when the resumed part logs to none
+    (``logger=csv`` or ``none``): still this run's, so the record keeps pointing at it, and says that
+    its history ends where this continuation began (``history_until``)."""
+    if resume_from is None or not previous.get("id"):
+        return None
+    return {**previous, "history_until": previous.get("history_until") or record["resumed"][-1]["at"]}
+
+
+def checkpoint_files(output_dir: Path) -> dict[str, str | None]:
+    """The run's checkpoint files (``best``: best val/acc; ``last``: the last finished epoch)."""
+    folder = output_dir / "checkpoints"
+    return {name: str(folder / f"{name}.ckpt") if (folder / f"{name}.ckpt").is_file() else None
+            for name in ("best", "last")}
+
+
+# -- closing a run, however it ends ---------------------------------------------------
+def finish_run(recorder: RunRecorder, status: str, error: BaseException | None = None) -> None:
+    """Close the run's W&B run (first: the record then states what W&B did) and its record."""
+    if status == "finished":
+        with recorder.timed("logger_finish"):
+            finish_wandb()
+    else:
+        finish_wandb(exit_code=1)
+    recorder.finish(status, error)
+
+
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM outside Lightning (making the data or a teacher's outputs): stop as Ctrl-C does.
+
+    While Lightning fits or tests, its own handler runs first and then calls this one, the handler it
+    found: Lightning stops after the batch and saves ``last.ckpt``, so this one leaves the stop to it.
+    """
+    if signal.getsignal(signal.SIGTERM) is _interrupt_on_sigterm:
+        raise RunInterrupted("stopped by SIGTERM outside training (while the data, the teacher or its outputs "
+                             "were prepared). Run the same command again: it continues from checkpoints/last.ckpt "
+                             "when there is one, and starts afresh otherwise.")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`RunInterrupted` (whose record then says interrupted)
+    instead of killing the process with its record left ``running``. A handler installed before
+    (submitit's, a pack worker's) stays in charge, as it does in a fit."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, _interrupt_on_sigterm):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def recorded(recorder: RunRecorder) -> Iterator[RunRecorder]:
+    """Close the run's record and its W&B run however the block ends.
+
+    A clean exit marks both finished; Ctrl-C or a stop signal (SIGTERM outside a fit too, see
+    :func:`sigterm_interrupts`) marks the record ``interrupted`` (a later run of the same command
+    resumes it); any other exception marks it failed. The error is kept in the record and propagates.
+    """
+    with sigterm_interrupts():
+        try:
+            yield recorder
+        except (KeyboardInterrupt, RunInterrupted) as err:
+            finish_run(recorder, "interrupted", err)
+            raise
+        except BaseException as err:
+            finish_run(recorder, "failed", err)
+            raise
+        finish_run(recorder, "finished")
 
 
 def announce_finished(record: dict[str, Any], output_dir: Path) -> None:

@@ -42,6 +42,9 @@ class EvalMetrics(nn.Module):
         self.has_teacher = False
         self.sequence = False
         self.sums: dict[str, Tensor] = {}
+        # Moves with the LightningModule, so a rank that evaluated nothing still knows the device its
+        # all-reduce runs on (NCCL reduces GPU tensors only). Not saved in checkpoints.
+        self.register_buffer("_device_marker", torch.zeros(0), persistent=False)
 
     def _add(self, name: str, value: Tensor) -> None:
         value = value.detach().double()
@@ -76,12 +79,9 @@ class EvalMetrics(nn.Module):
             self._add("kl_teacher", kl.sum())
 
     def compute(self) -> dict[str, Tensor]:
-        if not self.sums:  # nothing evaluated (an empty split): no number to report
+        sums = self._summed_over_ranks()
+        if not sums:  # nothing evaluated (an empty split): no number to report
             return {name: torch.tensor(math.nan) for name in ("acc", "ece", "nll")}
-        sums = dict(self.sums)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for name in sorted(sums):  # the same order on every rank
-                torch.distributed.all_reduce(sums[name])
         count = sums["count"]
         counts, confidences, corrects = sums["bins"]
         shares = counts / count
@@ -97,6 +97,36 @@ class EvalMetrics(nn.Module):
 
     def reset(self) -> None:
         self.sums = {}
+
+    def _summed_over_ranks(self) -> dict[str, Tensor]:
+        """The sums of every rank's samples (this process's alone without DDP).
+
+        Every rank takes part with the same tensors in the same order, also one that evaluated no
+        sample (a split smaller than the number of ranks): two all-reduces, the flags (did any rank
+        see a sample, a teacher, a sequence) and then every sum packed into one vector.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return dict(self.sums)
+        device = self._device_marker.device
+        flags = torch.tensor([bool(self.sums), self.has_teacher, self.sequence], dtype=torch.float64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if not bool(flags[0]):
+            return {}
+        self.has_teacher, self.sequence = bool(flags[1]), bool(flags[2])
+        shapes = {"bins": (3, ECE_BINS + 1), "count": (), "correct": (), "nll": ()}
+        if self.has_teacher:
+            shapes.update(agreement=(), kl_teacher=())
+        parts = [self.sums.get(name, torch.zeros(shape, dtype=torch.float64)).to(device).reshape(-1)
+                 for name, shape in shapes.items()]
+        packed = torch.cat(parts)
+        dist.all_reduce(packed)
+        sums, start = {}, 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            sums[name] = packed[start:start + size].reshape(shape)
+            start += size
+        return sums
 
 
 def settings_in_force(objective: DistillationObjective, schedules: Mapping[str, Schedule] | None = None

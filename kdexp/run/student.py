@@ -37,9 +37,10 @@ def run_name_for(cfg: DictConfig, job_type: str, objective_label: str) -> str:
 
 def student_wandb_config(cfg: DictConfig, record: dict[str, Any], teacher: Teacher) -> dict[str, Any]:
     """A student run's W&B config: the resolved config plus what its record states (job type,
-    teacher, data, parameters, objective, teacher outputs, lineage)."""
+    teacher, data, parameters, objective, teacher outputs, lineage, the SLURM job it ran in)."""
+    slurm = {"slurm": record["slurm"]} if "slurm" in record else {}
     return wandb_run_config(to_plain(cfg), job_type=record["job_type"], teacher_hash=teacher.weights_hash,
                             teacher_test_acc=teacher.test_acc, data_fingerprint=record["data_fingerprint"],
                             student_parameters=record["parameters"], output_dir=str(record["output_dir"]),
                             objective=record["objective"], teacher_outputs=record["teacher_outputs"],
-                            stage=len(teacher.lineage), lineage=teacher.lineage)
+                            stage=len(teacher.lineage), lineage=teacher.lineage, **slurm)

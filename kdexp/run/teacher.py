@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdexp.core.config import choice, choices, instantiate, to_plain
-from kdexp.core.records import RunRecorder
+from kdexp.core.distributed import joined_run
+from kdexp.core.errors import KdexpError
+from kdexp.core.records import RunRecorder, slurm_fields
 from kdexp.core.vocabulary import TEST_ACC, VAL_ACC_BEST
 from kdexp.data.base import InMemoryDataModule
 from kdexp.models.ensemble import TeacherEnsemble
@@ -90,6 +92,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
     """Train ``model`` in place as the teacher, as a run of its own in ``folder`` (its record and W&B run;
     the cache lock that :func:`~kdexp.teachers.provision.provision_teacher` holds is its claim)."""
     tcfg = cfg.teacher
+    refuse_training_in_joined_rank(f"the teacher cached under {folder}")
 
     def fit(recorder: RunRecorder, _resume_from: Path | None) -> None:
         # Lightning loads here, not at the top: pack workers import this module and never fit a teacher.
@@ -107,11 +110,23 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
         run_name = f"teacher-{choice(cfg, 'teacher')}{tcfg.model.get('width', '')}-{folder.name[:8]}"
         config = {"teacher": to_plain(tcfg), "data": to_plain(cfg.data), "data_fingerprint": fingerprint}
         logger = build_logger(cfg, folder, run_name, "teacher", config)
-        trainer = build_trainer(cfg, folder, logger, max_epochs=int(tcfg.max_epochs))
+        # One process: under DDP, rank 0 trains the teacher before the other ranks exist (they load it).
+        trainer = build_trainer(cfg, folder, logger, max_epochs=int(tcfg.max_epochs), one_process=True)
         metrics = fit_and_test(trainer, module, datamodule)  # leaves the best-val weights in `model`
         recorder.update(metrics=metrics, data_fingerprint=fingerprint, parameters=count_parameters(model))
 
-    base = {"job_type": "teacher", "config": to_plain(tcfg), "data": to_plain(cfg.data), "choices": choices(cfg)}
+    base = {"job_type": "teacher", "config": to_plain(tcfg), "data": to_plain(cfg.data), "choices": choices(cfg),
+            **slurm_fields()}
     metrics = run_in_folder(cfg, folder, fit, claim=False, announce=False, base=base)["metrics"]
     log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics[TEST_ACC], metrics.get(VAL_ACC_BEST, float("nan")))
     return float(metrics[TEST_ACC])
+
+
+def refuse_training_in_joined_rank(what: str) -> None:
+    """A DDP rank above 0 never trains a teacher or a chain stage: rank 0 trained it before starting the
+    other ranks, so one missing here means the ranks do not share a cache."""
+    joined = joined_run()
+    if joined is not None:
+        raise KdexpError(f"DDP rank {joined.rank} found no trained {what}, which rank 0 provisioned before it started "
+                         "this rank. Every rank must see the same cache: set KDEXP_CACHE_DIR (paths.cache_dir) to a "
+                         "folder on a file system all of them share.")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdexp.core.config import CONF_DIR as _CONF_DIR
 from kdexp.core.config import objective_node, to_plain
+from kdexp.core.distributed import one_process_trainer, runs_several_processes
 from kdexp.core.errors import ConfigError
 from kdexp.core.vocabulary import canonical_json
 
@@ -88,6 +89,9 @@ def assistant_config(cfg: DictConfig) -> DictConfig:
     stage.student = node
     stage.chain = chain[:-1]
     stage.overrides = []  # the stage's own config says everything; the user's overrides were the final run's
+    # One process: a DDP run's rank 0 trains its stages before the other ranks exist (kdexp.core.distributed).
+    if runs_several_processes(cfg.trainer):
+        stage.trainer = one_process_trainer(to_plain(cfg.trainer))
     return stage
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdexp.core.config import to_plain
+from kdexp.core.distributed import one_process_trainer
 from kdexp.core.errors import CheckpointError
 from kdexp.core.files import atomic_torch_save, load_weights, storage_error
 from kdexp.core.vocabulary import canonical_json
@@ -222,8 +223,9 @@ def load_cached_teacher(build_model: Callable[[], nn.Module], path: Path, num_cl
 def trained_teacher_key(cfg: DictConfig) -> str:
     """The cache key of a teacher trained here: its recipe (with the weights it starts from when it
     fine-tunes a pretrained model), the data and the trainer settings."""
-    # num_threads changes summation order, hence the trained weights: part of the key.
-    trainer_settings = {**to_plain(cfg.trainer), "num_threads": cfg.get("num_threads")}
+    # num_threads changes summation order, hence the trained weights: part of the key. A DDP run trains its
+    # teacher in one process (kdexp.core.distributed): its key is that of the one-process trainer.
+    trainer_settings = {**one_process_trainer(to_plain(cfg.trainer)), "num_threads": cfg.get("num_threads")}
     recipe = to_plain(cfg.teacher)
     pretrained = cfg.teacher.model.get("pretrained")
     if pretrained:  # a pretrained model replaced in place is another starting point

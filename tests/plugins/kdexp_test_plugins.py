@@ -150,3 +150,13 @@ class ProjectedFeatureKD(HintonKD):
     @property
     def name(self) -> str:
         return "projected"
+
+
+class HintonKDBrokenInRankOne(HintonKD):
+    """Hinton KD that cannot be built in DDP rank 1 (a rank-specific failure before that rank joins
+    the run): rank 0 validates, trains its teacher and starts fitting as usual."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if os.environ.get("LOCAL_RANK") == "1":
+            raise RuntimeError("this objective is broken in rank 1")
