@@ -319,6 +319,7 @@ def test_torchvision_reads_the_written_files(cifar_root):
 # --- configs ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds every CIFAR net at full size; test_configs builds each model config
 @pytest.mark.parametrize("group", ["student", "teacher"])
 def test_every_cifar_model_config_builds_for_cifar100(group, tmp_path):
     for name in ARCHS:

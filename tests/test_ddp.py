@@ -193,6 +193,7 @@ def test_ddp_that_kdexp_cannot_start_is_refused(tmp_path):
         run(cfg)
 
 
+@pytest.mark.slow  # end to end; a third DDP launch
 def test_a_rank_that_fails_before_joining_leaves_a_failed_record(runs, tmp_path):
     base = runs[0]  # its cached teacher: rank 0 goes straight to fit, where it waits for rank 1 to join
     broken = run_cli([*DDP, "kd._target_=kdexp_test_plugins.HintonKDBrokenInRankOne", f"hydra.run.dir={tmp_path / 'r'}"],

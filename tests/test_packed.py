@@ -383,6 +383,7 @@ def test_a_pack_trains_and_writes_its_runs_without_importing_lightning(alone_and
         assert record["wandb"]["mode"] == "offline" and (folder / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow  # end to end; a second packed sweep
 def test_a_packed_sweep_counts_the_runs_it_was_refused_as_refused(tmp_path):
     """Two sweeps into one --dir: a folder the other one holds is refused here, and the summary says so,
     whether that run is still going (exit 1) or the other sweep has finished it (no run of this sweep's)."""

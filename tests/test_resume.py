@@ -207,6 +207,7 @@ def test_sweep_killed_takes_its_runs_with_it_and_resumes(uninterrupted, tmp_path
     assert any(r.get("resumed") for r in records)
 
 
+@pytest.mark.slow  # end to end: a killed run and a retrained teacher (minutes in all)
 def test_a_run_is_never_resumed_with_another_teacher(uninterrupted, tmp_path):
     import json
 
@@ -235,6 +236,7 @@ def test_if_finished_skip_touches_nothing_in_the_finished_folder(uninterrupted):
     assert files_of(folder) == before  # train.log included: not even the skip line is appended
 
 
+@pytest.mark.slow  # end to end; a resume with another logger (minutes in all)
 def test_a_run_resumed_with_logger_csv_still_points_at_its_wandb_run(uninterrupted, tmp_path):
     """The W&B run holds the epochs before the interruption: the record keeps it, and says where it ends."""
     base, _ = uninterrupted
