@@ -43,7 +43,7 @@ from kdexp.core.console import ConsoleFormatter
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.vocabulary import TEST_ACC
 from kdexp.grid import sweep as sweeps
-from kdexp.grid.compose import ComposeAhead, GridPoint, problem_message
+from kdexp.grid.compose import ComposeAhead, GridPoint, problem_message, task_config
 from kdexp.train import run as run_config
 
 if TYPE_CHECKING:
@@ -134,11 +134,8 @@ def _as_hydra_job(full: DictConfig) -> Iterator[DictConfig]:
     hydra_config = HydraConfig.instance()
     previous = hydra_config.cfg
     hydra_config.set_config(full)
-    job = full.copy()
-    with open_dict(job):
-        del job["hydra"]
     try:
-        yield job
+        yield task_config(full)
     finally:
         hydra_config.cfg = previous
 

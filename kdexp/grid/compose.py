@@ -90,13 +90,20 @@ def compose_jobs(jobs: JobsToCompose) -> list[Any] | None:
         return None
 
 
+def task_config(full: DictConfig) -> DictConfig:
+    """What Hydra hands a job's task function: the job's config without its ``hydra`` node (a copy)."""
+    task = copy.deepcopy(full)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
 def check_config(point: GridPoint, job: Any) -> Any:
     """The config :func:`compose_for_check` composes for ``point``, taken from its multirun job's config:
     the job's task config (without the ``hydra`` node) with the run's paths pinned to ``.``. Hydra
     composes the same defaults and overrides for both, so they are equal (a test compares them)."""
-    task = copy.deepcopy(job)
+    task = task_config(job)
     with read_write(task), open_dict(task):
-        del task["hydra"]
         task.paths.root_dir = "."
         task.paths.output_dir = "."
         task.choices = choices_of(point)
@@ -260,10 +267,7 @@ def pack_jobs(loaded: list[DictConfig]) -> list[JobConfig]:
         with read_write(full.hydra.runtime), open_dict(full.hydra.runtime):  # as Hydra's run_job sets it
             full.hydra.runtime.output_dir = str(output_dir.resolve())
         HydraConfig.instance().set_config(full)
-        task = copy.deepcopy(full)
-        with read_write(task), open_dict(task):
-            del task["hydra"]
-        out.append(JobConfig(full, task, output_dir.resolve()))
+        out.append(JobConfig(full, task_config(full), output_dir.resolve()))
     return out
 
 

@@ -123,10 +123,11 @@ def open_run(cfg: DictConfig, folder: Path, *, task_cfg: DictConfig | None = Non
 
 
 def run_in_folder(cfg: DictConfig, folder: Path, train: Callable[[RunRecorder, Path | None], object],
-                  **open_options: Any) -> dict[str, Any]:
+                  announce: bool = True, **open_options: Any) -> dict[str, Any]:
     """:func:`open_run`, then ``train(recorder, resume_from)`` inside :func:`recorded`, then the result
-    line. Returns the run's record (a skipped run's earlier one; ``{}`` for an unselected point)."""
-    opened = open_run(cfg, folder, **open_options)
+    line (with ``announce``). Returns the run's record (a skipped run's earlier one; ``{}`` for an
+    unselected point)."""
+    opened = open_run(cfg, folder, announce=announce, **open_options)
     if opened.recorder is None:
         return opened.previous or {}
     try:
@@ -134,7 +135,7 @@ def run_in_folder(cfg: DictConfig, folder: Path, train: Callable[[RunRecorder, P
             train(recorder, opened.resume_from)
     finally:
         opened.release()
-    if open_options.get("announce", True):
+    if announce:
         announce_finished(recorder.record, folder)
     return recorder.record
 
