@@ -144,6 +144,27 @@ def test_hidden_state_projection_follows_the_probe_precision_and_a_second_bind_k
     assert objective(student, teacher, torch.zeros(B, L, dtype=torch.long))["loss_hidden"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype, computed", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float64, torch.float64)])
+def test_projected_hidden_states_of_any_precision_are_compared_in_at_least_float32(dtype, computed):
+    """A student tap of width 3 against a teacher tap of width 5 goes through the learned projection; 16-bit
+    states are upcast before it (not refused by a float32 Linear), float64 states stay float64."""
+    from kdexp.objectives.hidden_state import HiddenStateKD
+
+    s, t, targets = seeded()
+    g = torch.Generator().manual_seed(5)
+    h_s, h_t = torch.randn(B, L, 3, generator=g).to(dtype), torch.randn(B, L, 5, generator=g).to(dtype)
+    student, teacher = ModelOutputs(s.to(dtype), {"a": h_s}), ModelOutputs(t.to(dtype), {"b": h_t})
+    objective = HiddenStateKD(student_layers=["a"], teacher_layers=["b"], distance="mse", gamma=1.0)
+    objective.bind(student, teacher)
+    weight = objective.projections[0].weight
+    loss = objective(student, teacher, targets)["loss_hidden"]
+    assert loss.dtype == computed and weight.dtype == computed
+    valid = targets != UNLABELLED  # reference in float64 on the same rounded inputs and the same weight
+    expected = ((h_s.double() @ weight.double().T - h_t.double()) ** 2).mean(-1)[valid].mean().item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5 if computed == torch.float32 else 1e-12)
+
+
 def test_hidden_state_kd_projects_and_sends_gradients_to_student_and_projection_only():
     from kdexp.objectives.hidden_state import HiddenStateKD, hidden_distance
 

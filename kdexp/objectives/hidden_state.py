@@ -75,7 +75,8 @@ class HiddenStateKD(TokenKD):
         terms = super().forward(student, teacher, targets)
         valid = targets != UNLABELLED
         pairs = tapped_pairs(self, student, teacher)
-        hidden = sum(hidden_distance(project(s), t, valid, self.distance)
+        # bind makes a 16-bit tap's projection in float32: the tap is upcast to meet it.
+        hidden = sum(hidden_distance(project(at_least_float32(s)), t, valid, self.distance)
                      for project, (_, _, s, t) in zip(self.projections, pairs))
         return {**terms, "loss_hidden": self.gamma * hidden / len(pairs)}
 
