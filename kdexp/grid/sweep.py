@@ -24,108 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdexp.core.distributed import ddp_launch_problem
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.files import atomic_write_text
 from kdexp.core.processes import can_fork, die_with_parent
 from kdexp.core.records import RECORD_NAME, SELECTION_ENV, SWEEP_ID_ENV, read_record
+from kdexp.core.sweep_file import (  # noqa: F401
+    LOCAL_METHODS,
+    SweepSpec,
+    hydra_value,
+    load_sweep,
+    parse_overrides,
+    read_yaml,
+    sweep_axes,
+)
 from kdexp.core.tracking import import_wandb, logs_to_wandb, resolve_wandb_mode
 from kdexp.grid.compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
 from kdexp.run.folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
-
-
-@dataclass
-class SweepSpec:
-    """A parsed sweep file."""
-
-    name: str
-    raw: dict[str, Any]
-    axes: dict[str, list[Any]] = field(default_factory=dict)  # key → values, in file order
-
-
-def hydra_value(value: Any) -> str:
-    """How a value is written in a Hydra override (and in ``${args_no_hyphens}``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, list):  # chain: [64, 32] → chain=[64,32] (one argument, no spaces)
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return str(value)
-
-
-LOCAL_METHODS = ("grid", "random")
-
-
-def read_yaml(path: Path) -> Any:
-    """The YAML in ``path``, or one paragraph naming the line and column that does not parse."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        context = getattr(err, "context", None)
-        raise ConfigError(f"{path} is not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
-                          + ". Compare with a shipped file in sweeps/.") from None
-
-
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Parse and check a sweep file; only explicit ``value``/``values`` run locally."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}. The shipped ones are in sweeps/ (see sweeps/README.md).")
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a sweep file is a mapping (method, metric, parameters, command), "
-                          f"not a {type(raw).__name__}.")
-    params = raw.get("parameters")
-    if not isinstance(params, dict) or not params:
-        raise ConfigError(f"{path}: a sweep file needs a 'parameters' mapping of config paths to value/values.")
-    axes: dict[str, list[Any]] = {}
-    for key, spec in params.items():
-        if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
-            raise ConfigError(
-                f"{path}: parameter '{key}' has no 'value' or 'values' ({spec}). Local sweeps run explicit grids; "
-                "distributions (min/max) only work as W&B sweeps (kdexp sweep --wandb)."
-            )
-        values = spec["values"] if "values" in spec else [spec["value"]]
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: parameter '{key}': 'values' must be a non-empty list.")
-        axes[str(key)] = values
-    method = str(raw.get("method", "grid"))
-    if method == "bayes":
-        raise ConfigError(f"{path}: method: bayes needs the W&B sweep server to choose each next run from the "
-                          "results so far; run it with `kdexp sweep FILE --wandb` (then `wandb agent`), or use "
-                          "method: grid or random locally.")
-    if method not in LOCAL_METHODS:
-        raise ConfigError(f"{path}: method must be grid, random or bayes; got '{method}'.")
-    if method == "random":
-        cap = raw.get("run_cap")
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ConfigError(f"{path}: method: random needs run_cap (a positive integer: how many runs to "
-                              f"sample from the grid); got {cap!r}.")
-    return SweepSpec(name=str(raw.get("name") or path.stem), raw=raw, axes=axes)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """``key=v1,v2`` command-line overrides as key → values (they replace the file's axis)."""
-    parsed: dict[str, list[str]] = {}
-    for item in overrides:
-        if "=" not in item or item.startswith("-"):
-            raise ConfigError(f"expected a Hydra override key=value, got '{item}'.")
-        key, value = item.split("=", 1)
-        parsed[key] = value.split(",") if value and "[" not in value else [value]
-    return parsed
-
-
-def sweep_axes(spec: SweepSpec, overrides: list[str] | None = None) -> dict[str, list[str]]:
-    """The sweep's axes as Hydra override values, with command-line overrides replacing the file's."""
-    axes = {k: [hydra_value(v) for v in vs] for k, vs in spec.axes.items()}
-    axes.update(parse_overrides(overrides or []))
-    return axes
 
 
 def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int = 0) -> list[GridPoint]:
