@@ -25,7 +25,7 @@ import pytest
 
 from conftest import PLUGINS, ROOT, records_in, run_cli
 from kdexp.core.console import SUBMITIT_LOGGER, quiet_submitit
-from kdexp.core.records import slurm_fields
+from kdexp.core.records import RECORD_NAME, slurm_fields
 from kdexp.core.vocabulary import run_identity
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -221,6 +221,8 @@ def test_a_stopped_sweep_leaves_no_job_queued_or_running(cluster, tmp_path, how)
             while not any(wanted in task for task in live_tasks(array)) and time.time() < deadline:
                 time.sleep(0.2)
             assert any(wanted in task for task in live_tasks(array)), live_tasks(array)
+            if how == "sigterm_while_one_runs":  # stop it once its run has a record (it is training)
+                assert wait_for(lambda: any((tmp_path / "sweep").glob(f"*/{RECORD_NAME}")), 60)
             sweep.send_signal(sig)
             code = sweep.wait(timeout=90)
         finally:
@@ -231,6 +233,99 @@ def test_a_stopped_sweep_leaves_no_job_queued_or_running(cluster, tmp_path, how)
     assert live_tasks(array) == [], f"left in the queue after the sweep stopped: {live_tasks(array)}"
     assert "kdexp sweep: interrupted; cancelling the SLURM jobs it submitted" in out
     assert f"Cancelled SLURM job {array} (scancel): no job of this sweep is queued or running." in out
+    if how == "sigterm_while_one_runs":  # the job that ran was stopped, not killed: its run can resume
+        assert [r["status"] for r in records_in(tmp_path / "sweep")] == ["interrupted"]
+
+
+def wait_for(condition, timeout_s: float, poll_s: float = 0.5) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` has passed (False)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return bool(condition())
+
+
+def release_requeued(array: str) -> None:
+    """SLURM holds a requeued job until a begin time a little later (BeginTime); start it now."""
+    for task in live_tasks(array):
+        job_id, state = task.split()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True, timeout=30)
+
+
+def requeued_point(cluster, tmp_path: Path, extra: list[str], preempt: bool, timeout_s: float) -> tuple[dict, dict, str]:
+    """One grid point (student.width=16) swept on SLURM, stopped by pre-emption (``preempt``: ``scancel
+    --signal=USR2`` once ``last.ckpt`` exists) or by its time limit (in ``extra``), then launched locally
+    uninterrupted. Returns (the SLURM run's record, the local run's record, the sweep's console)."""
+    point = [*GRID, "student.width=16", *extra]
+    env = dict(os.environ, KDEXP_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline", WANDB_SILENT="true",
+               PYTHONPATH=f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    log_path = tmp_path / "console.txt"
+    with log_path.open("w") as console:
+        sweep = subprocess.Popen([sys.executable, "-m", "kdexp.cli", "sweep", *point, "--launcher", "slurm",
+                                  "--dir", str(tmp_path / "slurm")], cwd=ROOT, env=env, stdout=console,
+                                 stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: "Submitted SLURM job" in log_path.read_text() or sweep.poll() is not None, 60)
+            array = submitted_array(log_path.read_text())
+            if preempt:
+                assert wait_for(lambda: any((tmp_path / "slurm").glob("*/checkpoints/last.ckpt")), 120), \
+                    log_path.read_text()[-3000:]
+                [task] = live_tasks(array)  # one run: an array of one task, or a plain job
+                subprocess.run(["scancel", "--signal=USR2", task.split()[0]], check=True, timeout=30)
+            deadline = time.time() + timeout_s
+            while sweep.poll() is None and time.time() < deadline:
+                release_requeued(array)
+                time.sleep(1)
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+                subprocess.run(["scancel", array], capture_output=True, timeout=30)
+    out = log_path.read_text()
+    assert sweep.returncode == 0, out[-3000:]
+    local = sweep_cli([*point, "logger=csv", "--dir", str(tmp_path / "local")], tmp_path / "cache")
+    assert local.returncode == 0, local.stderr[-3000:]
+    [on_slurm], [here] = records_in(tmp_path / "slurm"), records_in(tmp_path / "local")
+    return on_slurm, here, out
+
+
+def assert_resumed_to_the_uninterrupted_result(on_slurm: dict, here: dict) -> None:
+    assert on_slurm["status"] == "finished", on_slurm.get("error")
+    assert on_slurm["metrics"] == here["metrics"]  # bit for bit: same machine, the resume restores everything
+    assert on_slurm["epochs"] == here["epochs"]
+    resumes = on_slurm["resumed"]
+    assert resumes and all(r["previous_status"] == "interrupted" for r in resumes)
+    assert all(r["slurm"]["job_id"] == on_slurm["slurm"]["job_id"] for r in resumes)  # the same job, requeued
+    counts = [int(r["slurm"]["restart_count"]) for r in resumes]
+    assert counts == sorted(set(counts)) and counts[0] >= 1 and counts[-1] == int(on_slurm["slurm"]["restart_count"])
+    folder = Path(on_slurm["output_dir"])
+    segments = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(segments) == len(resumes) + 1  # one W&B segment per start of the job...
+    assert {s.name.rsplit("-", 1)[1] for s in segments} == {on_slurm["wandb"]["id"]}  # ...all one W&B run
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_is_requeued_and_ends_as_the_uninterrupted_run(cluster, tmp_path):
+    """SIGUSR2 is what SLURM sends through submitit on pre-emption (and before a time limit): the run
+    stops after its batch, the job is requeued, the run resumes to the uninterrupted run's result."""
+    on_slurm, here, out = requeued_point(cluster, tmp_path, ["trainer.max_epochs=60", "logger=wandb"],
+                                         preempt=True, timeout_s=400)
+    assert_resumed_to_the_uninterrupted_result(on_slurm, here)
+    assert len(on_slurm["resumed"]) == 1 and on_slurm["resumed"][0]["slurm"]["restart_count"] == "1"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_past_its_time_limit_is_requeued_until_the_run_is_done(cluster, tmp_path):
+    """A one-minute time limit (SLURM's smallest) and a run of several minutes: a larger grid point
+    (400 epochs), no sleeps. SIGUSR2 comes 20 s before each limit; the job is requeued until it is done."""
+    extra = ["trainer.max_epochs=400", "logger=wandb", "hydra.launcher.timeout_min=1",
+             "hydra.launcher.signal_delay_s=20"]
+    on_slurm, here, out = requeued_point(cluster, tmp_path, extra, preempt=False, timeout_s=900)
+    assert_resumed_to_the_uninterrupted_result(on_slurm, here)
+    print(f"requeued {len(on_slurm['resumed'])} times")
 
 
 # -- no cluster needed ---------------------------------------------------------------------------------
@@ -243,8 +338,11 @@ def test_a_record_names_the_slurm_job_it_ran_in(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURMD_NODENAME", "node7")
     monkeypatch.setenv("SLURM_JOB_PARTITION", "cpu")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert slurm_fields() == {"slurm": {"job_id": "15", "array_job_id": "14", "array_task_id": "1", "node": "node7",
-                                        "partition": "cpu"}}
+                                        "partition": "cpu", "restart_count": "0"}}
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # the job's third start, after two requeues
+    assert slurm_fields()["slurm"]["restart_count"] == "2"
 
 
 @pytest.mark.parametrize("verbose", [False, True])

@@ -55,12 +55,15 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
 
 
 def slurm_fields() -> dict[str, dict[str, str | None]]:
-    """``{"slurm": {"job_id", "array_job_id", "array_task_id", "node", "partition"}}`` inside a SLURM job
-    (``SLURM_JOB_ID`` set), else nothing. ``job_id`` is the task's own id (what ``scontrol`` and
-    ``sacct`` take); squeue shows an array task as ``<array_job_id>_<array_task_id>``."""
+    """``{"slurm": {"job_id", "array_job_id", "array_task_id", "node", "partition", "restart_count"}}``
+    inside a SLURM job (``SLURM_JOB_ID`` set), else nothing. ``job_id`` is the task's own id (what
+    ``scontrol`` and ``sacct`` take); squeue shows an array task as ``<array_job_id>_<array_task_id>``.
+    ``restart_count`` is how many times SLURM requeued the job before this start ("0" the first time)."""
     if not os.environ.get("SLURM_JOB_ID"):
         return {}
-    return {"slurm": {key: os.environ.get(name) or None for key, name in SLURM_ENV.items()}}
+    fields: dict[str, str | None] = {key: os.environ.get(name) or None for key, name in SLURM_ENV.items()}
+    fields["restart_count"] = os.environ.get("SLURM_RESTART_COUNT") or "0"
+    return {"slurm": fields}
 
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
@@ -161,6 +164,7 @@ class RunRecorder:
             self.record["resumed"] = [*self.record.get("resumed", []), {
                 "at": now, "previous_status": resumes.get("status"),
                 "previous_git_commit": resumes.get("git_commit"), "previous_error": resumes.get("error"),
+                **slurm_fields(),  # a requeued SLURM job: which job and which restart picked the run up
             }]
         self.record.update({**base, "status": "running"})
         self.timer = PartTimer()  # seconds per part of the run, written at the end

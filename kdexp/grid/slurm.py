@@ -9,7 +9,10 @@ as the plugin does, and then follows the array in ``squeue`` instead of waiting 
 - a submission that ``sbatch`` refuses (an unknown partition, more memory than any node has) is
   explained the same way instead of ending in a traceback;
 - Ctrl-C, SIGTERM (what ``kdexp sweep`` sends its multirun when it is stopped) and the death of
-  ``kdexp sweep`` cancel every job of the array: nothing of a stopped sweep stays queued or running.
+  ``kdexp sweep`` cancel every job of the array: nothing of a stopped sweep stays queued or running;
+- inside each job, a pre-emption or time-limit warning (SIGUSR2, ``signal_delay_s`` before the limit)
+  stops the run after its batch with ``last.ckpt`` saved and requeues the job, which resumes the run
+  (same folder, same W&B run) until it is done (:func:`requeued_when_stopped`).
 
 It waits on ``squeue`` and the jobs' result files, never on ``sacct``: with accounting off (a small
 cluster) every ``sacct`` call fails, and submitit would print a warning for each of its polls.
@@ -39,6 +42,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf
 
 from kdexp.core.console import quiet_submitit
+from kdexp.run.preemption import clear_stop, request_stop, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +336,47 @@ def sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+REQUEUE_REASON = "SLURM's pre-emption or time-limit warning (SIGUSR2)"
+
+
+@contextmanager
+def requeued_when_stopped() -> Iterator[None]:
+    """Inside a SLURM job, around kdexp's task: a pre-emption or time-limit warning stops the run
+    gracefully and then requeues the job, which resumes the run from ``last.ckpt``.
+
+    submitit's own handler (SIGUSR2: checkpoint the job's call and ``scontrol requeue``) would requeue
+    at once, killing the fit mid-batch with its record left ``running``. Here the signal only asks the
+    run to stop (:func:`kdexp.run.preemption.request_stop`); the fit ends after its batch, writes
+    ``last.ckpt`` and marks the record ``interrupted``; kdexp's task then exits (code 130) and only
+    then is submitit's handler called, to requeue. SIGTERM (``scancel``: the user stops the job) goes
+    back to its default, so that Lightning and kdexp handle it as a stop: the record says ``interrupted``.
+    """
+    usr_sig = signal.SIGUSR2
+    submitits = signal.getsignal(usr_sig)
+    previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(usr_sig, lambda signum, frame: request_stop(REQUEUE_REASON))
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code == EXIT_INTERRUPTED and stop_requested() and callable(submitits):
+            log.warning("kdexp: the run stopped on %s; requeuing the job, it resumes from checkpoints/last.ckpt",
+                        REQUEUE_REASON)
+            submitits(usr_sig, None)  # checkpoint this call and requeue the job; it exits the process
+        raise
+    finally:
+        clear_stop()
+        signal.signal(usr_sig, submitits)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
 # -- the launcher ------------------------------------------------------------------------------------
 class WatchedSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SLURM launcher that watches its job array (see the module's docstring)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """One job of the array, run inside SLURM: pre-emption and time limits end in a requeue and a resume."""
+        with requeued_when_stopped():
+            return super().__call__(*args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit  # as the plugin does: Hydra's plugin discovery stays fast

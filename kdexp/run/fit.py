@@ -31,6 +31,7 @@ from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.core.files import load_weights
 from kdexp.core.records import RunRecorder
 from kdexp.data.lightning import for_trainer
+from kdexp.run.preemption import stop_requested
 
 if TYPE_CHECKING:
     from kdexp.data.base import InMemoryDataModule
@@ -40,14 +41,22 @@ quiet_lightning()  # a run that chose its verbosity before Lightning was importe
 
 
 class StopWatcher(pl.Callback):
-    """Remembers the exception that stopped ``fit``.
+    """Remembers the exception that stopped ``fit``, and stops it after the batch on a requested stop.
 
     Lightning turns Ctrl-C into ``sys.exit(1)`` and SIGTERM into a ``SystemExit``;
-    this is how the run tells an interruption (resumable) from a failure.
+    this is how the run tells an interruption (resumable) from a failure. A stop asked for through
+    :func:`kdexp.run.preemption.request_stop` (a scheduler's pre-emption warning) takes Lightning's
+    SIGTERM path: stop after the batch, ``last.ckpt`` written, the run ``interrupted``.
     """
 
     def __init__(self) -> None:
         self.exception: BaseException | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Lightning reads this flag right after each training batch; it resets it when a fit starts,
+        # so the flag is set here (per batch), never before the fit.
+        if stop_requested() and getattr(trainer, "_signal_connector", None) is not None:
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.exception = exception
@@ -197,6 +206,9 @@ def fit_and_test(trainer: pl.Trainer, module: SupervisedModule, datamodule: InMe
     if ckpt_path is not None:
         load_weights(ckpt_path, what="checkpoint to resume from")  # refuses, with a clear message, a file that runs code
     folder = recorder.folder if recorder is not None else Path(trainer.default_root_dir)
+    if stop_requested():  # asked while the data or the teacher were prepared: do not start a fit to stop it
+        raise RunInterrupted(f"stopped by {stop_requested()} before training started. Run the same command again "
+                             "to continue (a requeued SLURM job does so by itself).")
     try:
         with preemption_signals_stop_gracefully(trainer), timed("fit"), \
                 other_ranks_join(trainer, folder, ckpt_path, recorder):
@@ -236,7 +248,8 @@ def raise_if_interrupted(trainer: pl.Trainer, stop: SystemExit) -> None:
     watcher = next((cb for cb in trainer.callbacks if isinstance(cb, StopWatcher)), None)
     cause = watcher.exception if watcher is not None else None
     if isinstance(cause, KeyboardInterrupt) or isinstance(stop, SIGTERMException) or isinstance(cause, SIGTERMException):
-        what = "Ctrl-C" if isinstance(cause, KeyboardInterrupt) else "SIGTERM (or a pre-emption signal)"
+        what = ("Ctrl-C" if isinstance(cause, KeyboardInterrupt) else stop_requested()
+                or "SIGTERM (or a pre-emption signal)")
         raise RunInterrupted(
             f"stopped by {what} at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoints/last.ckpt "
             "holds the progress. Run the same command again to continue from there."
