@@ -285,7 +285,8 @@ def requeued_point(cluster, tmp_path: Path, extra: list[str], preempt: bool, tim
                 subprocess.run(["scancel", array], capture_output=True, timeout=30)
     out = log_path.read_text()
     assert sweep.returncode == 0, out[-3000:]
-    local = sweep_cli([*point, "logger=csv", "--dir", str(tmp_path / "local")], tmp_path / "cache")
+    here_too = [o for o in point if not o.startswith("hydra.launcher.")]  # settings of the SLURM jobs only
+    local = sweep_cli([*here_too, "logger=csv", "--dir", str(tmp_path / "local")], tmp_path / "cache")
     assert local.returncode == 0, local.stderr[-3000:]
     [on_slurm], [here] = records_in(tmp_path / "slurm"), records_in(tmp_path / "local")
     return on_slurm, here, out
@@ -320,8 +321,9 @@ def test_a_preempted_job_is_requeued_and_ends_as_the_uninterrupted_run(cluster, 
 @pytest.mark.slow
 def test_a_job_past_its_time_limit_is_requeued_until_the_run_is_done(cluster, tmp_path):
     """A one-minute time limit (SLURM's smallest) and a run of several minutes: a larger grid point
-    (400 epochs), no sleeps. SIGUSR2 comes 20 s before each limit; the job is requeued until it is done."""
-    extra = ["trainer.max_epochs=400", "logger=wandb", "hydra.launcher.timeout_min=1",
+    (1200 epochs, ~2 min here), no sleeps. SIGUSR2 comes 20 s before each limit; the job is requeued
+    until the run is done."""
+    extra = ["trainer.max_epochs=1200", "logger=wandb", "hydra.launcher.timeout_min=1",
              "hydra.launcher.signal_delay_s=20"]
     on_slurm, here, out = requeued_point(cluster, tmp_path, extra, preempt=False, timeout_s=900)
     assert_resumed_to_the_uninterrupted_result(on_slurm, here)
