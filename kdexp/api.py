@@ -42,6 +42,7 @@ from kdexp.core.config import conf_initialized
 from kdexp.core.console import ConsoleFormatter
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.vocabulary import TEST_ACC
+from kdexp.grid import search, wandb_sweep
 from kdexp.grid import sweep as sweeps
 from kdexp.grid.compose import ComposeAhead, GridPoint, problem_message, task_config
 from kdexp.train import run as run_config
@@ -186,7 +187,8 @@ class SweepResult:
 def sweep(file: PathLike, overrides: Sequence[str] = (), *, dir: PathLike | None = None, jobs: int = 1,
           pack: int = 0, force: bool = False, dry_run: bool = False, launcher: str = "local",
           sample_seed: int = 0, wandb: bool = False, project: str = "kdexp",
-          entity: str | None = None) -> SweepResult:
+          entity: str | None = None, run_cap: int | None = None, sampler: str = "tpe",
+          startup_trials: int | None = None) -> SweepResult:
     """Run a sweep file (W&B sweep format) as ``kdexp sweep FILE OVERRIDES`` does, printing what it prints.
 
     Every grid point is composed and checked first (one bad point: nothing runs, a
@@ -196,8 +198,17 @@ def sweep(file: PathLike, overrides: Sequence[str] = (), *, dir: PathLike | None
     ``outputs/sweeps/<name>``); ``jobs``: parallel workers; ``pack``: train up to N points that
     differ only in seed, T and α in one process; ``force``: rerun finished runs (archived first);
     ``dry_run``: only list what would happen; ``launcher="slurm"``: one SLURM job per run;
-    ``sample_seed``: the draw of ``method: random``; ``wandb``: create the sweep on W&B
-    (``project``, ``entity``) and print the agent command instead of running it.
+    ``sample_seed``: the draw of ``method: random``; ``wandb``: check the file and that a W&B server
+    answers, create the sweep there (``project``, ``entity``) and print how ``wandb agent`` joins it,
+    instead of running it (with ``dry_run``: print the config that would be sent; ``dir``, ``jobs``,
+    ``launcher``, ``force``, ``sample_seed``, ``sampler`` and ``startup_trials`` are refused with it;
+    ``run_cap`` replaces the file's). Its result's ``dir`` is where the agents' runs land on each machine.
+
+    A ``method: bayes`` file runs as a local search (:mod:`kdexp.grid.search`): ``run_cap`` trials
+    (``run_cap`` here replaces the file's, for ``method: random`` too), ``jobs`` at a time, each an
+    ordinary run in ``<dir>/trial-NNN``, proposed by ``sampler`` (``tpe`` or ``gp``) seeded with
+    ``sample_seed`` after ``startup_trials`` random ones (default: a quarter of ``run_cap``, 2 to 10);
+    run again, it continues from its records. Its result's ``points`` is empty.
     """
     overrides = _override_list(overrides)
     if jobs < 1:
@@ -209,8 +220,30 @@ def sweep(file: PathLike, overrides: Sequence[str] = (), *, dir: PathLike | None
     if pack and (wandb or launcher != "local"):
         raise KdexpError("--pack trains packs on this machine; it does not combine with --wandb or --launcher "
                          "slurm (there each run is its own job). Drop --pack, or run the sweep locally.")
+    if wandb and (run_cap is not None or sampler != "tpe" or startup_trials is not None):
+        raise KdexpError("--run-cap, --sampler and --startup-trials set up a local run; with --wandb, W&B's server "
+                         "chooses the runs: edit run_cap in the sweep file instead.")
+    if wandb:  # checked, then created on W&B's server, whose agents run it: nothing runs here
+        wandb_sweep.refuse_options(dir=dir, jobs=jobs, launcher=launcher, force=force, sample_seed=sample_seed,
+                                   sampler=sampler, startup_trials=startup_trials)
+        points, runs_dir = wandb_sweep.sweep_on_wandb(file, overrides, project, entity, dry_run=dry_run,
+                                                      run_cap=run_cap)
+        return SweepResult(0, runs_dir, points)
     spec = sweeps.load_sweep(file)
     sweep_dir = (Path(dir) if dir is not None else Path("outputs") / "sweeps" / spec.name).resolve()
+    if run_cap is not None:
+        if spec.method == "grid":
+            raise KdexpError("--run-cap applies to method: random and bayes (how many runs to draw or try); "
+                             "a grid runs every point.")
+        spec.raw = {**spec.raw, "run_cap": run_cap}
+    if spec.method == "bayes":  # a local search: each next run is chosen from the results so far
+        if pack or force or launcher != "local":
+            raise KdexpError("a local search (method: bayes) runs its trials on this machine one by one as the "
+                             "sampler proposes them: --pack, --force and --launcher slurm do not combine with it. "
+                             "To start a search over, give it another --dir.")
+        plan = search.plan_search(spec, overrides, sweep_dir, jobs=jobs, sampler=sampler, seed=sample_seed,
+                                  startup=startup_trials)
+        return SweepResult(search.run_search(plan, dry_run=dry_run), sweep_dir, [])
     points = sweeps.grid(spec, overrides, sample_seed=sample_seed)
     # Hydra composes the grid in helper processes while this one imports torch (they are forked
     # before torch is imported here: see kdexp.grid.compose); pack members are composed too.
@@ -229,12 +262,6 @@ def sweep(file: PathLike, overrides: Sequence[str] = (), *, dir: PathLike | None
         plan = sweeps.plan_packs(points, cfgs, sweep_dir, pack, force, jobs) if pack else None
         if dry_run:
             print(sweeps.dry_run(points, sweep_dir, force, plan))
-            return SweepResult(0, sweep_dir, points)
-        if wandb:
-            path = sweeps.create_wandb_sweep(spec, overrides, project, entity)
-            print(f"Created W&B sweep {path} ({len(points)} runs in the grid).\n"
-                  f"On every machine that should join (in a checkout with `make setup` done):\n"
-                  f"  .venv/bin/wandb agent {path}")
             return SweepResult(0, sweep_dir, points)
         code = sweeps.run_local(spec, points, overrides, sweep_dir, jobs=jobs, force=force, launcher=launcher,
                                 plan=plan, composed_jobs=ahead.result().jobs)

@@ -1,4 +1,4 @@
-"""The ``kdexp`` command: train, demo, sweep, report."""
+"""The ``kdexp`` command: train, demo, sweep, report, dashboard, ..."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ USAGE = """kdexp <command> [args]
 commands:
   train  [overrides]          run one experiment (same as python -m kdexp.train; try: kdexp train --help)
   demo   [overrides]          teacher → Hinton-KD student and CE-only student on MNIST-1D, with a summary
-  sweep  FILE [overrides]     run a sweep file (W&B format) locally as a Hydra multirun, or create it on W&B
+  sweep  FILE [overrides]     run a sweep file (W&B format) locally (a multirun, or a search), or create it on W&B
   report SOURCE... [options]  ablation table (mean ± std over seeds) and plots from run records or W&B
+  dashboard SWEEP [KEY=VALUE]  a W&B workspace and report for one sweep file or folder (a JSON spec offline)
   bench  [overrides] [options] time CE / online KD / cached KD epochs against bare PyTorch loops, and whole runs
   predict --out FILE [overrides]  run the teacher once over the data; student runs read it (teacher.predictions=FILE)
   export RUN --out DIR        a finished student=hf run's student as a Hugging Face model directory
@@ -25,7 +26,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdexp sweep",
         description="Run a sweep definition (W&B sweep format, see sweeps/README.md) as one Hydra multirun. "
-                    "Finished runs are skipped, so an interrupted sweep resumes where it stopped.",
+                    "Finished runs are skipped, so an interrupted sweep resumes where it stopped. A method: bayes "
+                    "file runs as a local search (Optuna), trial after trial, continuing from its records.",
     )
     parser.add_argument("file", help="sweep file, e.g. sweeps/hinton_grid.yaml")
     parser.add_argument("overrides", nargs="*",
@@ -40,7 +42,15 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dir", type=Path, default=None, help="sweep folder; default outputs/sweeps/<name>")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
     parser.add_argument("--sample-seed", type=int, default=0,
-                        help="method: random: the seed that draws run_cap points from the grid (default 0)")
+                        help="method: random: the seed that draws run_cap points from the grid; method: bayes: "
+                             "the seed of the search's sampler (default 0)")
+    parser.add_argument("--run-cap", type=int, default=None, metavar="N",
+                        help="method: random and bayes: how many runs to draw or try (replaces the file's run_cap)")
+    parser.add_argument("--sampler", choices=["tpe", "gp"], default="tpe",
+                        help="method: bayes, run locally: Optuna's TPE (default) or Gaussian-process sampler")
+    parser.add_argument("--startup-trials", type=int, default=None, metavar="N",
+                        help="method: bayes: trials drawn at random before the sampler models the results "
+                             "(default: a quarter of run_cap, 2 to 10)")
     parser.add_argument("--force", action="store_true",
                         help="rerun finished runs too (their files are archived, never deleted)")
     parser.add_argument("--wandb", action="store_true",
@@ -57,7 +67,8 @@ def sweep_main(argv: list[str]) -> int:
     args = sweep_parser().parse_intermixed_args(argv)
     return api.sweep(args.file, args.overrides, dir=args.dir, jobs=args.jobs, pack=args.pack, force=args.force,
                      dry_run=args.dry_run, launcher=args.launcher, sample_seed=args.sample_seed, wandb=args.wandb,
-                     project=args.project, entity=args.entity).code
+                     project=args.project, entity=args.entity, run_cap=args.run_cap, sampler=args.sampler,
+                     startup_trials=args.startup_trials).code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdexp.report.cli import main as report_main
 
             return report_main(rest)
+        if command == "dashboard":
+            from kdexp.report.dashboard_cli import main as dashboard_main
+
+            return dashboard_main(rest)
     except KdexpError as err:
         print(f"kdexp {command}: error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from kdexp.core.agent import agent_overrides
 from kdexp.core.config import CONF_DIR
 from kdexp.core.console import configure_console
 from kdexp.core.distributed import JoinedRun, ddp_launch_problem, joined_run
@@ -172,7 +173,11 @@ def prepare_output_dirs(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Console entry: Hydra's config errors (unknown key, bad override) exit 2 like kdexp's own."""
+    """Console entry: Hydra's config errors (unknown key, bad override) exit 2 like kdexp's own.
+
+    Under ``wandb agent`` the agent's parameters are rewritten as ``kdexp sweep`` writes them
+    (:func:`kdexp.core.agent.agent_overrides`), so a point's folder and overrides are the same."""
+    sys.argv[1:] = agent_overrides(sys.argv[1:])
     prepare_output_dirs(sys.argv[1:])
     try:
         hydra_main()

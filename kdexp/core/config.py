@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.core.agent import under_agent
 from kdexp.core.errors import ConfigError, KdexpError
 from kdexp.core.files import is_weights_only_refusal, refused_pickle
 from kdexp.core.tasks import task_of
@@ -91,11 +92,14 @@ IF_FINISHED_ENV = "KDEXP_IF_FINISHED"
 def default_if_finished() -> str:
     """``${kdexp.if_finished:}``: what a run does with a folder that holds a finished run, unless
     ``if_finished=`` is given: ``$KDEXP_IF_FINISHED`` when set; else ``skip`` in a multirun job
-    (re-running a sweep into the same ``hydra.sweep.dir`` finishes what is left), ``error`` in a
-    single run (its folder was named on purpose, and a finished result there is not retrained silently)."""
+    (re-running a sweep into the same ``hydra.sweep.dir`` finishes what is left) and in a run a W&B
+    sweep agent started (its folder is the sweep's, as in ``kdexp sweep``), ``error`` in a single
+    run (its folder was named on purpose, and a finished result there is not retrained silently)."""
     chosen = os.environ.get(IF_FINISHED_ENV)
     if chosen:  # an empty value counts as unset
         return chosen
+    if under_agent():
+        return "skip"
     from hydra.types import RunMode
 
     hydra_cfg = _hydra_config()

@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 # Set by `kdexp sweep` for the runs it starts: their records say which sweep ran them (``sweep_id``), so
 # a sweep's summary tells its own runs from those another process ran or holds in the same folders.
 SWEEP_ID_ENV = "KDEXP_SWEEP_ID"
+# Set by a local search (`kdexp sweep` of a method: bayes file) for each trial it starts: the trial, as JSON.
+SEARCH_TRIAL_ENV = "KDEXP_SEARCH_TRIAL"
 # Set by `kdexp sweep --pack` for its multirun: a file listing the grid points left to it (packs train the rest).
 SELECTION_ENV = "KDEXP_SWEEP_SELECTION"
 _PACKAGES = ("kdexp", "torch", "pytorch-lightning", "hydra-core", "omegaconf", "wandb", "torchmetrics", "mnist1d")
@@ -43,10 +45,16 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def sweep_fields() -> dict[str, str]:
-    """``{"sweep_id": ...}`` when this process runs a job of a ``kdexp sweep``, else nothing."""
+def sweep_fields() -> dict[str, Any]:
+    """``{"sweep_id": ...}`` when this process runs a job of a ``kdexp sweep``, and ``{"search": {...}}``
+    when it is a trial of a local search (its name, trial number, sampler, seed, phase, parameters,
+    metric and goal: :mod:`kdexp.grid.search`), else nothing."""
     sweep_id = os.environ.get(SWEEP_ID_ENV)
-    return {"sweep_id": sweep_id} if sweep_id else {}
+    fields: dict[str, Any] = {"sweep_id": sweep_id} if sweep_id else {}
+    trial = os.environ.get(SEARCH_TRIAL_ENV)
+    if trial:
+        fields["search"] = json.loads(trial)
+    return fields
 
 
 # What a SLURM job's environment says about it (sbatch sets these in every job), as record keys.

@@ -2,6 +2,9 @@
 
 Only parsing lives here, so that both ``grid/`` (which runs sweeps) and ``report/`` (which
 builds tables and dashboards for them) can read a sweep file without importing each other.
+``method: grid`` and ``random`` run explicit ``value``/``values``; ``method: bayes`` may also give
+ranges (``min``/``max`` with W&B's ``distribution`` names), which :mod:`kdexp.grid.space` turns into
+a search space.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ class SweepSpec:
     name: str
     raw: dict[str, Any]
     axes: dict[str, list[Any]] = field(default_factory=dict)  # key → values, in file order
+    ranges: dict[str, dict[str, Any]] = field(default_factory=dict)  # method: bayes: key → its distribution
+
+    @property
+    def method(self) -> str:
+        return str(self.raw.get("method", "grid"))
 
 
 def hydra_value(value: Any) -> str:
@@ -35,7 +43,8 @@ def hydra_value(value: Any) -> str:
     return str(value)
 
 
-LOCAL_METHODS = ("grid", "random")
+LOCAL_METHODS = ("grid", "random", "bayes")
+GOALS = ("maximize", "minimize")
 
 
 def read_yaml(path: Path) -> Any:
@@ -52,7 +61,7 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    """Parse and check a sweep file; only explicit ``value``/``values`` run locally."""
+    """Parse and check a sweep file: explicit ``value``/``values`` for grid and random; ranges for bayes too."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}. The shipped ones are in sweeps/ (see sweeps/README.md).")
@@ -63,30 +72,40 @@ def load_sweep(path: str | Path) -> SweepSpec:
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"{path}: a sweep file needs a 'parameters' mapping of config paths to value/values.")
+    method = str(raw.get("method", "grid"))
+    if method not in LOCAL_METHODS:
+        raise ConfigError(f"{path}: method must be grid, random or bayes; got '{method}'.")
     axes: dict[str, list[Any]] = {}
+    ranges: dict[str, dict[str, Any]] = {}
     for key, spec in params.items():
+        if method == "bayes" and isinstance(spec, dict) and not ({"value", "values"} & set(spec)):
+            ranges[str(key)] = spec  # a distribution: checked against W&B's grammar by kdexp.grid.space
+            continue
         if not isinstance(spec, dict) or not ({"value", "values"} & set(spec)):
             raise ConfigError(
-                f"{path}: parameter '{key}' has no 'value' or 'values' ({spec}). Local sweeps run explicit grids; "
-                "distributions (min/max) only work as W&B sweeps (kdexp sweep --wandb)."
+                f"{path}: parameter '{key}' has no 'value' or 'values' ({spec}). Local grid and random sweeps run "
+                "explicit values; distributions (min/max) only work as W&B sweeps (kdexp sweep --wandb) or in a "
+                "local search (method: bayes)."
             )
         values = spec["values"] if "values" in spec else [spec["value"]]
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: parameter '{key}': 'values' must be a non-empty list.")
         axes[str(key)] = values
-    method = str(raw.get("method", "grid"))
-    if method == "bayes":
-        raise ConfigError(f"{path}: method: bayes needs the W&B sweep server to choose each next run from the "
-                          "results so far; run it with `kdexp sweep FILE --wandb` (then `wandb agent`), or use "
-                          "method: grid or random locally.")
-    if method not in LOCAL_METHODS:
-        raise ConfigError(f"{path}: method must be grid, random or bayes; got '{method}'.")
-    if method == "random":
+    if method in ("random", "bayes"):
         cap = raw.get("run_cap")
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ConfigError(f"{path}: method: random needs run_cap (a positive integer: how many runs to "
-                              f"sample from the grid); got {cap!r}.")
-    return SweepSpec(name=str(raw.get("name") or path.stem), raw=raw, axes=axes)
+            what = "sample from the grid" if method == "random" else "try"
+            raise ConfigError(f"{path}: method: {method} needs run_cap (a positive integer: how many runs to "
+                              f"{what}); got {cap!r}.")
+    if method == "bayes":
+        metric = raw.get("metric")
+        if not isinstance(metric, dict) or not isinstance(metric.get("name"), str) or not metric["name"]:
+            raise ConfigError(f"{path}: method: bayes needs metric: {{name: ..., goal: maximize|minimize}}, the "
+                              f"recorded metric each run is judged by (e.g. val/acc_best); got {metric!r}.")
+        if metric.get("goal") not in GOALS:
+            raise ConfigError(f"{path}: metric.goal must be maximize or minimize for method: bayes; got "
+                              f"{metric.get('goal')!r} (W&B would assume minimize: say which you mean).")
+    return SweepSpec(name=str(raw.get("name") or path.stem), raw=raw, axes=axes, ranges=ranges)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ import netrc
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from kdexp.core.console import wandb_settings
 from kdexp.core.errors import ConfigError
+from kdexp.core.vocabulary import DATA_FINGERPRINT, TEACHER_HASH
 
 if TYPE_CHECKING:  # Lightning (and torch) load only when a logger is built, so `kdexp report` starts fast
     from pytorch_lightning.loggers import Logger
@@ -31,8 +32,16 @@ WANDB_SERVICE_ENV = "WANDB_SERVICE"  # where W&B tells child processes how to re
 WANDB_INIT_TIMEOUT_S = 30  # how long an online start may take before the run goes offline (W&B's default: 90)
 # What a student run adds to its W&B config beside the resolved Hydra config. The
 # report's W&B source pops exactly these back out to rebuild a run record.
-RUN_CONFIG_EXTRAS = ("job_type", "teacher_hash", "teacher_test_acc", "data_fingerprint", "student_parameters",
+RUN_CONFIG_EXTRAS = ("job_type", TEACHER_HASH, "teacher_test_acc", DATA_FINGERPRINT, "student_parameters",
                      "output_dir", "objective", "teacher_outputs", "stage", "lineage", "slurm")
+
+
+def wandb_group(group: str | None, choices: Mapping[str, Any]) -> str:
+    """The W&B group a run logs into: its ``group`` setting, else ``<data>-<teacher>`` (the options it composed).
+
+    Runs and the dashboards that filter them (``kdexp dashboard``) both take it from here, so a
+    dashboard's filter is the group its runs log."""
+    return str(group) if group else f"{choices.get('data', 'data')}-{choices.get('teacher', 'teacher')}"
 
 
 def wandb_run_config(config: dict[str, Any], **extras: Any) -> dict[str, Any]:

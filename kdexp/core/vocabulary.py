@@ -21,6 +21,7 @@ TEST_ACC_LAST = "test/acc_last"      # at the last epoch
 VAL_ACC = "val/acc"                  # per epoch; what best.ckpt monitors
 VAL_ACC_BEST = "val/acc_best"        # what selects settings (never a test metric)
 TEACHER_TEST_ACC = "teacher/test_acc"
+EPOCH = "epoch"                      # per-epoch x-axis Lightning logs beside every epoch metric
 METRIC_TITLES = {
     TEST_ACC: "test accuracy at the best-val checkpoint",
     TEST_ACC_LAST: "test accuracy at the last epoch",
@@ -38,6 +39,15 @@ def teacher_metric(metric: str) -> str:
     """The name a student's record gives its teacher's figure for ``metric``: ``test/bpb`` →
     ``teacher/test_bpb`` (``teacher/test_acc`` for ``test/acc``)."""
     return "teacher/" + metric.replace("/", "_")
+
+# -- what a run's record and W&B config hold beside its metrics -------------------------------
+SEED = "seed"                        # config key (and record field) of the run's seed
+GROUP = "group"                      # config key of the W&B group setting (null: "<data>-<teacher>")
+CHOICES = "choices"                  # record field / W&B config key: the option chosen per config group
+STATUS = "status"                    # record field: running | finished | failed | interrupted
+TEACHER_HASH = "teacher_hash"        # W&B config key of the teacher's weights hash (record: teacher.hash)
+DATA_FINGERPRINT = "data_fingerprint"  # record field and W&B config key of the data's fingerprint
+NO_KD = "none"                       # the kd option of the CE-only student baseline (kd=none)
 
 # Where a run folder keeps earlier runs it replaced (never deleted; never in a report).
 ARCHIVE_DIR = "archive"

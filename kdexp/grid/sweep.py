@@ -1,4 +1,4 @@
-"""Run a sweep file (W&B sweep format) locally as one Hydra multirun, or create it on W&B.
+"""Run a sweep file (W&B sweep format) locally as one Hydra multirun (on W&B: :mod:`kdexp.grid.wandb_sweep`).
 
 A sweep file is what ``wandb sweep`` reads: ``method``, ``metric``, ``parameters``
 (dotted Hydra config paths with ``value`` or ``values``) and a ``command`` that hands
@@ -38,7 +38,7 @@ from kdexp.core.sweep_file import (  # noqa: F401
     read_yaml,
     sweep_axes,
 )
-from kdexp.core.tracking import import_wandb, logs_to_wandb, resolve_wandb_mode
+from kdexp.core.tracking import import_wandb, logs_to_wandb
 from kdexp.grid.compose import ComposeAhead, GridPoint, JobsToCompose, compose_grid, problem_message
 from kdexp.run.folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
 
@@ -46,7 +46,11 @@ from kdexp.run.folder import LAST_CHECKPOINT, RESUMABLE_STATUSES
 def grid(spec: SweepSpec, overrides: list[str] | None = None, sample_seed: int = 0) -> list[GridPoint]:
     """Every run of the sweep, as W&B expands it: the cartesian product of the axes for
     ``method: grid``; for ``method: random``, ``run_cap`` distinct points of that product,
-    drawn with ``sample_seed`` (the same seed, the same runs)."""
+    drawn with ``sample_seed`` (the same seed, the same runs). ``method: bayes`` has no grid: its runs
+    are chosen one by one from the results so far (:mod:`kdexp.grid.search`)."""
+    if spec.method == "bayes":
+        raise ConfigError(f"{spec.name}: method: bayes has no grid to list; its runs are chosen as the search goes "
+                          "(kdexp sweep runs it as a search, kdexp.grid.search).")
     # hydra.* settings (launcher, partition) shape how runs are executed, not which runs exist.
     axes = {k: vs for k, vs in sweep_axes(spec, overrides).items()
             if not k.lstrip("+~").startswith(("hydra.", "hydra/"))}
@@ -466,26 +470,3 @@ def _forked_work(queue: str, env: dict[str, str], composed: dict[str, list[Any]]
         if "wandb" in sys.modules:
             sys.modules["wandb"].teardown()
 
-
-def wandb_sweep_config(spec: SweepSpec, overrides: list[str]) -> dict[str, Any]:
-    """The sweep file as sent to W&B, with command-line overrides folded in as fixed values or lists."""
-    config = {k: v for k, v in spec.raw.items() if k != "description"}
-    params = dict(config.get("parameters", {}))
-    for key, values in parse_overrides(overrides).items():
-        params[key] = {"values": values} if len(values) > 1 else {"value": values[0]}
-    config["parameters"] = params
-    return config
-
-
-def create_wandb_sweep(spec: SweepSpec, overrides: list[str], project: str, entity: str | None) -> str:
-    """Create the sweep on the W&B server and return ``entity/project/id``."""
-
-    mode, reason = resolve_wandb_mode("auto")
-    if mode != "online":
-        raise KdexpError(f"--wandb needs the W&B server, but W&B is {mode} ({reason}). Run `wandb login`, "
-                         "or run the same grid locally without --wandb.")
-    import wandb
-
-    sweep_id = wandb.sweep(sweep=wandb_sweep_config(spec, overrides), project=project, entity=entity)
-    entity = entity or wandb.Api().default_entity
-    return f"{entity}/{project}/{sweep_id}"

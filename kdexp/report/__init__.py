@@ -10,6 +10,9 @@ Modules, one job each:
   formats      markdown, LaTeX (booktabs) and tidy CSV
   plots        T × α heatmaps and metric-vs-width figures (PNG)
   publish      optional upload of the report to W&B
+  dashboard    a sweep file or folder → the spec of its W&B dashboard (no W&B import)
+  dashboard_wandb  that spec → a wandb_workspaces workspace and report, saved when online
+  dashboard_cli    ``kdexp dashboard`` (the spec as JSON when W&B is not online)
   build        the pipeline without I/O (ReportSpec → tables)
   cli          ``kdexp report`` argument parsing and output
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 from kdexp.report.build import DEFAULT_COLS, DEFAULT_ROWS, ReportSpec, make_ablation
 from kdexp.report.errors import ReportError
 from kdexp.report.formats import render_csv, tidy_frame, write_text
+from kdexp.report.search import is_search, plot_search, render_search, search_csv, search_tables
 from kdexp.report.sources import load_sources
 from kdexp.report.table import Table
 from kdexp.core.vocabulary import TEST_ACC
@@ -128,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         return 0
+    if is_search(records) and _search_view(args):  # a local search's trials: one row each, not averaged cells
+        return _search_report(records, notes, args)
     report = make_ablation(records, spec)  # what the Python API's ablation_table returns
     tables, markdown = report.tables, report.markdown
     stdout_taken = "-" in (args.latex, args.csv)
@@ -140,6 +143,37 @@ def _run(args: argparse.Namespace) -> int:
         _emit(render_csv(tables), args.csv, "CSV")
     if args.plots:
         _plots(tables, Path(args.plots), kd_at, args, markdown)
+    return 0
+
+
+def _search_view(args: argparse.Namespace) -> bool:
+    """A search's records get the search table unless an option asks for the ablation table."""
+    return (args.rows, args.cols) == (",".join(DEFAULT_ROWS), ",".join(DEFAULT_COLS)) and not (
+        args.where or args.split or args.delta or args.paired)
+
+
+def _search_report(records: list[dict], notes: list[str], args: argparse.Namespace) -> int:
+    """``kdexp report`` of a search's folder: the trial table, ``--csv`` and ``--plots`` (the metric per trial)."""
+    if args.latex:
+        raise ReportError("--latex writes ablation tables; a search's trial table is markdown (stdout) or --csv. "
+                          "For an ablation table of its trials pass --rows/--cols.")
+    tables = search_tables(records, other=args.metric)
+    markdown = render_search(tables)
+    print(markdown, end="", file=sys.stderr if args.csv == "-" else sys.stdout)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.csv:
+        _emit(search_csv(tables), args.csv, "CSV")
+    if args.plots:
+        files = [plot_search(table, Path(args.plots)) for table in tables]
+        for path in files:
+            print(f"plot written to {path}", file=sys.stderr)
+        if not args.no_wandb:
+            from kdexp.report.publish import publish_report
+
+            print(publish_report(files, {t.name: t.frame for t in tables}, markdown, group=args.group,
+                                 config={"sources": args.sources, "search": [t.name for t in tables]}),
+                  file=sys.stderr)
     return 0
 
 

@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kdexp.core.vocabulary import DATA_FINGERPRINT, TEACHER_HASH, TEACHER_TEST_ACC, flatten_config
 from kdexp.report.errors import ReportError
 from kdexp.report.values import format_value, matches, normalize, parse_scalar, sort_key
-from kdexp.core.vocabulary import TEACHER_TEST_ACC, flatten_config
 
 NULL = "null"  # a setting a run has, set to null, on a table axis (absent settings stay NaN)
 
 # Record fields (not config) a table may key on.
-RECORD_FIELDS = ("teacher_hash", "data_fingerprint")
+RECORD_FIELDS = (TEACHER_HASH, DATA_FINGERPRINT)
 # Teacher runs (the cache) and earlier reports are not students: they never enter a cell.
 SKIPPED_JOB_TYPES = ("teacher", "report")
 

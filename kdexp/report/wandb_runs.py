@@ -10,10 +10,10 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kdexp.report.errors import ReportError
-from kdexp.report.values import parse_assignments, parse_scalar
 from kdexp.core.tracking import RUN_CONFIG_EXTRAS
 from kdexp.core.vocabulary import TEACHER_TEST_ACC
+from kdexp.report.errors import ReportError
+from kdexp.report.values import parse_assignments, parse_scalar
 
 WANDB_PREFIX = "wandb:"
 
@@ -134,15 +134,22 @@ def _unwrap_values(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unflatten(config: dict[str, Any]) -> dict[str, Any]:
-    """Nest dotted keys (``{"kd.alpha": 0.9}`` → ``{"kd": {"alpha": 0.9}}``), as in a record's config."""
+    """Nest dotted keys (``{"kd.alpha": 0.9}`` → ``{"kd": {"alpha": 0.9}}``), as in a record's config.
+
+    A run started by ``wandb agent`` holds each sweep parameter as W&B locked it: a group's choice as a
+    plain value (``"kd": "hinton"``, which hides kdexp's ``kd`` settings) beside the swept settings
+    (``"kd.alpha": 0.9``). The settings win; the choice stays under ``choices`` (``choices.kd``)."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         node = out
         *parents, leaf = str(key).split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
-            node[leaf].update(value)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if isinstance(node.get(leaf), dict):
+            if isinstance(value, dict):
+                node[leaf].update(value)
         else:
             node[leaf] = value
     return out

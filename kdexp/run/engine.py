@@ -17,6 +17,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdexp.core.agent import outside_agent_run
 from kdexp.core.config import choice, instantiate, objective_node
 from kdexp.core.errors import ConfigError
 from kdexp.core.files import storage_error
@@ -99,8 +100,9 @@ def train_stage(stage_cfg: DictConfig, folder: Path) -> None:
     stage_cfg.paths.output_dir = str(folder)
     message = (f"Training chain stage {len(chain_of(stage_cfg)) + 1} ({choice(stage_cfg, 'student')}"
                f"{stage_cfg.student.get('width')}) in {folder}")
-    run_in_folder(stage_cfg, folder, lambda recorder, last: run_experiment(stage_cfg, recorder, resume_from=last),
-                  if_finished="skip", resume=True, validate=False, announce=False, start_message=message)
+    with outside_agent_run():  # under `wandb agent` the agent's W&B run is the student's, not a stage's
+        run_in_folder(stage_cfg, folder, lambda recorder, last: run_experiment(stage_cfg, recorder, resume_from=last),
+                      if_finished="skip", resume=True, validate=False, announce=False, start_message=message)
 
 
 # -- a student run -----------------------------------------------------------------

@@ -66,14 +66,17 @@ class Claim:
             self.lock.release()
 
 
-def lock_folder(folder: Path) -> FileLock:
-    """Hold the folder's lock, or explain who holds it."""
+def lock_folder(folder: Path, busy: str | None = None) -> FileLock:
+    """Hold the folder's lock, or explain who holds it. ``busy``: the explanation for a folder that is not
+    a run's (``{folder}`` and ``{owner}`` are filled in)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / LOCK_NAME), timeout=0)
         lock.acquire()
     except Timeout:
         owner = _read_owner(folder)
+        if busy is not None:
+            raise RunBusyError(busy.format(folder=folder, owner=owner)) from None
         raise RunBusyError(
             f"{folder} is in use by another run ({owner}). Two runs never write one folder: wait for it to "
             "finish, or choose another hydra.run.dir. (A lock left by a killed process is released by the OS "

@@ -25,12 +25,13 @@ from typing import Any, ContextManager
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdexp.core.agent import under_agent
 from kdexp.core.config import choice, choices, instantiate, to_plain
 from kdexp.core.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.core.files import atomic_write_text
 from kdexp.core.records import RECORD_NAME, SELECTION_ENV, RunRecorder, read_record, slurm_fields, sweep_fields
 from kdexp.core.tasks import AUTO, task_of
-from kdexp.core.tracking import finish_wandb
+from kdexp.core.tracking import finish_wandb, logs_to_wandb, wandb_group, wandb_run_config
 from kdexp.core.vocabulary import TEACHER_TEST_ACC, TEST_ACC, TEST_ACC_LAST
 from kdexp.run.folder import Claim, claim_run_folder, lock_folder
 from kdexp.run.validation import validate_config
@@ -129,6 +130,8 @@ def run_in_folder(cfg: DictConfig, folder: Path, train: Callable[[RunRecorder, P
     unselected point)."""
     opened = open_run(cfg, folder, announce=announce, **open_options)
     if opened.recorder is None:
+        if opened.action == "skip" and under_agent():
+            result_to_agent_run(cfg, opened.previous or {})
         return opened.previous or {}
     try:
         with recorded(opened.recorder) as recorder:
@@ -222,7 +225,7 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
     """
     if not cfg.get("logger"):
         return None
-    group = cfg.get("group") or f"{choice(cfg, 'data')}-{choice(cfg, 'teacher')}"
+    group = wandb_group(cfg.get("group"), choices(cfg))
     factory = instantiate(cfg.logger)
     extra: dict[str, Any] = {}
     if "tags" in cfg.logger:  # automatic tags plus the user's (top-level `tags` and `logger.tags`)
@@ -233,6 +236,28 @@ def build_logger(cfg: DictConfig, save_dir: Path, run_name: str, job_type: str, 
     if not lightning and cfg.logger.get("_target_") == "kdexp.core.tracking.wandb_logger":
         extra["lightning"] = False
     return factory(save_dir=save_dir, run_name=run_name, job_type=job_type, group=group, config=config, **extra)
+
+
+def result_to_agent_run(cfg: DictConfig, record: dict[str, Any]) -> None:
+    """Give the run ``wandb agent`` started for a point that was already finished (and is skipped) that
+    run's config and final metrics, so W&B's sweep holds every point's result (a bayes search learns it).
+    Its W&B files go to the agent's folder (``WANDB_DIR``), never into the finished run's."""
+    if record.get("status") != "finished" or not logs_to_wandb(cfg):
+        return
+    teacher = record.get("teacher") or {}
+    config = wandb_run_config(record.get("config") or {}, job_type=record.get("job_type"),
+                              teacher_hash=teacher.get("hash"), teacher_test_acc=teacher.get("test_acc"),
+                              data_fingerprint=record.get("data_fingerprint"),
+                              student_parameters=record.get("parameters"), output_dir=record.get("output_dir"),
+                              objective=record.get("objective"))
+    save_dir = Path(os.environ.get("WANDB_DIR") or ".")
+    logger = build_logger(cfg, save_dir, str(record.get("run_name") or "kdexp"), str(record.get("job_type")),
+                          config, objective_name=str((record.get("objective") or {}).get("name") or "ce"),
+                          lightning=False)
+    logger.experiment.summary.update(record.get("metrics") or {})
+    run_id = logger.experiment.id
+    finish_wandb()
+    log.info("W&B: the agent's run %s holds this finished run's result.", run_id)
 
 
 def earlier_wandb_run(previous: dict[str, Any], record: dict[str, Any], resume_from: Path | None

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kdexp.core.agent import outside_agent_run
 from kdexp.core.config import choice, choices, instantiate, to_plain
 from kdexp.core.distributed import joined_run
 from kdexp.core.errors import KdexpError
@@ -117,7 +118,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, folder: Path) -> float:
 
     base = {"job_type": "teacher", "config": to_plain(tcfg), "data": to_plain(cfg.data), "choices": choices(cfg),
             **slurm_fields()}
-    metrics = run_in_folder(cfg, folder, fit, claim=False, announce=False, base=base)["metrics"]
+    with outside_agent_run():  # under `wandb agent` the agent's W&B run is the student's, not the teacher's
+        metrics = run_in_folder(cfg, folder, fit, claim=False, announce=False, base=base)["metrics"]
     log.info("Teacher trained: test/acc %.4f (best val %.4f)", metrics[TEST_ACC], metrics.get(VAL_ACC_BEST, float("nan")))
     return float(metrics[TEST_ACC])
 
