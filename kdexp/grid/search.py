@@ -49,7 +49,14 @@ from kdexp.core.sweep_file import SweepSpec, hydra_value
 from kdexp.core.tracking import import_wandb
 from kdexp.grid.compose import ComposeAhead, GridPoint
 from kdexp.grid.space import SearchSpace, search_space
-from kdexp.grid.sweep import _start, _stop_groups, check_points, may_log_to_wandb, new_sweep_id, worker_env
+from kdexp.grid.sweep import (
+    check_points,
+    may_log_to_wandb,
+    new_sweep_id,
+    start_process_group,
+    stop_process_groups,
+    worker_env,
+)
 from kdexp.run.folder import lock_folder
 
 SAMPLERS = ("tpe", "gp")
@@ -246,7 +253,7 @@ def trial_command(plan: SearchPlan, trial: Trial) -> list[str]:
 
 class ForkedRun:
     """``python -m kdexp.train ARGS`` in a child forked from this process, with the waiting interface of
-    ``subprocess.Popen`` that :func:`kdexp.grid.sweep._stop_groups` uses. The child runs the module as
+    ``subprocess.Popen`` that :func:`kdexp.grid.sweep.stop_process_groups` uses. The child runs the module as
     ``python -m`` would (:mod:`runpy`), with the modules this process imported already loaded."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
@@ -268,7 +275,7 @@ class ForkedRun:
 
 
 def _train_forked(args: list[str], env: dict[str, str]) -> None:
-    os.setsid()  # its own process group, as a subprocess gets: _stop_groups signals it
+    os.setsid()  # its own process group, as a subprocess gets: stop_process_groups signals it
     die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter (the search
     signal.signal(signal.SIGTERM, signal.SIG_DFL)             # turns SIGTERM into KeyboardInterrupt)
@@ -297,7 +304,7 @@ def import_for_trials(wandb: bool) -> None:
 def start(plan: SearchPlan, trial: Trial, env: dict[str, str], fork: bool) -> None:
     env = {**env, SEARCH_TRIAL_ENV: json.dumps(plan.trial_fields(trial.number, trial.params, trial.phase))}
     args = trial_command(plan, trial)
-    trial.process = ForkedRun(args, env) if fork else _start([sys.executable, "-m", "kdexp.train", *args], env)
+    trial.process = ForkedRun(args, env) if fork else start_process_group([sys.executable, "-m", "kdexp.train", *args], env)
     trial.started = time.time()
 
 
@@ -479,7 +486,7 @@ def _search(plan: SearchPlan, points: list[GridPoint]) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if running:
-            _stop_groups([trial.process for trial in running.values()])
+            stop_process_groups([trial.process for trial in running.values()])
             progress.interrupted += list(running)
     if problem is not None:
         raise KdexpError(problem)

@@ -224,7 +224,7 @@ def dry_run(points: list[GridPoint], sweep_dir: Path, force: bool, plan: PackPla
     return "\n".join(lines + tail + [f"{len(points)} runs in {sweep_dir}"])
 
 
-def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
     """SIGTERM each child's process group (runs save last.ckpt and record ``interrupted``), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         for proc in procs:
@@ -242,7 +242,7 @@ def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
             return
 
 
-def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+def start_process_group(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """A child in its own process group, which gets SIGTERM if this process dies."""
     return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
@@ -253,7 +253,7 @@ def _wait_all(procs: list[subprocess.Popen], stopping: str = "stopping the runs 
         return max([proc.wait() for proc in procs], default=0)
     except KeyboardInterrupt:
         print(f"\nkdexp sweep: interrupted; {stopping} ...", flush=True)
-        _stop_groups(procs)
+        stop_process_groups(procs)
         raise
 
 
@@ -303,13 +303,13 @@ def run_local(spec: SweepSpec, points: list[GridPoint], overrides: list[str], sw
                 env[SELECTION_ENV] = str(selection)
                 print(f"  {len(left)} run(s) outside the packs: one Hydra multirun", flush=True)
                 try:
-                    returncode = max(returncode, _wait_all([_start(command, env)]))
+                    returncode = max(returncode, _wait_all([start_process_group(command, env)]))
                 finally:
                     selection.unlink(missing_ok=True)
         elif launcher == "slurm":  # the multirun's launcher cancels its SLURM jobs when it is stopped
-            returncode = _wait_all([_start(command, env)], "cancelling the SLURM jobs it submitted")
+            returncode = _wait_all([start_process_group(command, env)], "cancelling the SLURM jobs it submitted")
         else:
-            returncode = _wait_all([_start(command, env)])
+            returncode = _wait_all([start_process_group(command, env)])
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -419,7 +419,7 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
             composed = None if composed_jobs is None else \
                 {path.name: [composed_jobs[i] for i in pack] for path, pack in zip(paths, plan.packs)}
             return _wait_all([ForkedWorker(queue, env, composed) for _ in range(workers)])
-        return _wait_all([_start([sys.executable, "-m", "kdexp.grid.workers", str(queue)], env)
+        return _wait_all([start_process_group([sys.executable, "-m", "kdexp.grid.workers", str(queue)], env)
                           for _ in range(workers)])
     finally:
         shutil.rmtree(queue, ignore_errors=True)
@@ -428,7 +428,7 @@ def run_packs(spec: SweepSpec, overrides: list[str], points: list[GridPoint], pl
 class ForkedWorker:
     """A pack worker (:func:`kdexp.grid.workers.work`) forked from this process, in its own process
     group, with the waiting interface of ``subprocess.Popen`` that :func:`_wait_all` and
-    :func:`_stop_groups` use.
+    :func:`stop_process_groups` use.
 
     Why a fork: this process has already imported what a worker needs (torch, ``torch._dynamo``,
     W&B, Hydra; :func:`kdexp.grid.workers.import_for_workers`), and a fresh interpreter spends
@@ -456,7 +456,7 @@ class ForkedWorker:
 
 
 def _forked_work(queue: str, env: dict[str, str], composed: dict[str, list[Any]] | None) -> None:
-    os.setsid()  # its own process group, as _start gives a subprocess: _stop_groups signals it
+    os.setsid()  # its own process group, as start_process_group gives a subprocess: stop_process_groups signals it
     die_with_parent()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
     os.environ.clear()
